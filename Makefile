@@ -1,0 +1,53 @@
+# ModelFleet — `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PY := .venv/bin/python
+MANIFEST ?= examples/smollm2-local.yaml
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: help run test venv venv-test lint typecheck unit integration e2e k8s bench clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-14s %s\n", $$1, $$2}'
+
+venv: ## create .venv with the runtime (torch on CPU) and the model
+	@scripts/bootstrap.sh torch
+
+venv-test: ## create .venv with runtime, operator and test tools
+	@scripts/bootstrap.sh torch,test,operator
+
+run: venv ## set everything up and serve the default model on http://$(HOST):$(PORT)/v1
+	.venv/bin/modelfleet up -f $(MANIFEST) --host $(HOST) --port $(PORT)
+
+test: venv-test k8s lint typecheck ## set everything up and run every test (lint, types, unit, integration, e2e)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv-test ## ruff
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+typecheck: venv-test ## mypy --strict over the product code
+	@mkdir -p build/typecheck/modelfleet
+	@ln -sfn ../../../operator build/typecheck/modelfleet/operator
+	@ln -sfn ../../../dataplane build/typecheck/modelfleet/dataplane
+	.venv/bin/mypy -p modelfleet.dataplane -p modelfleet.operator
+
+unit: venv-test ## unit tests only (no sockets, no model)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: venv-test ## integration tests (real servers on loopback, the real model)
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+k8s: ## build or install the test control plane into the cache (kube-apiserver, etcd, ...)
+	@scripts/k8s-install.sh
+
+e2e: venv-test k8s ## cluster end to end against the test control plane (or KUBECONFIG)
+	$(PY) -m pytest e2e $(PYTEST_ARGS)
+
+bench: venv-test ## run the benchmarks (prints tables; record results in bench/RESULTS.md)
+	$(PY) bench/decode_throughput.py
+
+clean: ## remove build outputs (keeps the caches outside the repo)
+	rm -rf build .mypy_cache .ruff_cache .pytest_cache

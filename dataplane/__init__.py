@@ -1,0 +1,1 @@
+"""ModelFleet data plane: gateway, coordinator sidecar, engine core and runners."""

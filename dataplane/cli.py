@@ -1,0 +1,99 @@
+"""The `modelfleet` command: `up`, and one subcommand per process role."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from modelfleet.dataplane.manifest import ManifestError
+
+DEFAULT_MANIFEST = Path("examples/smollm2-local.yaml")
+
+
+def _logging(role: str, level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s %(levelname)s [{role}] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _server_flags(p: argparse.ArgumentParser, port: int | None = None) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=port, required=port is None, help="port to listen on")
+    p.add_argument("--log-level", default="INFO")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelfleet", description="Serve LLMs behind one OpenAI-compatible gateway.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run a manifest on this machine (engines, sidecars, gateway)")
+    up.add_argument("-f", "--file", type=Path, default=DEFAULT_MANIFEST, help=f"manifest (default {DEFAULT_MANIFEST})")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every replica")
+
+    engine = sub.add_parser("engine", help="run one engine replica")
+    engine.add_argument("-f", "--file", type=Path, required=True, help="manifest (or the operator's ConfigMap file)")
+    engine.add_argument("--deployment", help="deployment name when the manifest holds several")
+    engine.add_argument("--replica", type=int, default=0)
+    _server_flags(engine)
+
+    sidecar = sub.add_parser("sidecar", help="run a coordinator sidecar")
+    sidecar.add_argument("--deployment", required=True)
+    sidecar.add_argument("--peer", action="append", default=[], help="engine URL (repeat)")
+    sidecar.add_argument("--policy", default="least_outstanding", choices=["least_outstanding", "round_robin"])
+    _server_flags(sidecar)
+
+    gateway = sub.add_parser("gateway", help="run the OpenAI-compatible gateway")
+    gateway.add_argument("--routes", type=Path, required=True, help="routing table (JSON)")
+    _server_flags(gateway)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "up":
+            from modelfleet.dataplane.launcher import LaunchError, up
+
+            try:
+                return up(args.file, args.host, args.port, ready_timeout=args.ready_timeout)
+            except LaunchError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+        _logging(args.command if args.command != "engine" else f"engine-{args.replica}", args.log_level)
+        if args.command == "engine":
+            from modelfleet.dataplane.engine.main import run as run_engine
+            from modelfleet.dataplane.settings import EngineSettings
+
+            run_engine(
+                EngineSettings(
+                    manifest=args.file, deployment=args.deployment, replica=args.replica, host=args.host, port=args.port
+                )
+            )
+        elif args.command == "sidecar":
+            from modelfleet.dataplane.settings import SidecarSettings
+            from modelfleet.dataplane.sidecar.main import run as run_sidecar
+
+            run_sidecar(
+                SidecarSettings(
+                    deployment=args.deployment, peers=args.peer, policy=args.policy, host=args.host, port=args.port
+                )
+            )
+        elif args.command == "gateway":
+            from modelfleet.dataplane.gateway.main import run as run_gateway
+            from modelfleet.dataplane.settings import GatewaySettings
+
+            run_gateway(GatewaySettings(routes=args.routes, host=args.host, port=args.port))
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Engine core: request queue, scheduling, admission and the worker that drives a runner."""

@@ -1,0 +1,155 @@
+"""HTTP surface of an engine replica (aiohttp: it sits on the hot path).
+
+Routes: the OpenAI-compatible API the sidecar forwards to, /v1/models,
+/healthz (alive), /readyz (weights loaded; 503 with progress while loading),
+/load (the sidecar's load view) and /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import aclosing
+
+from aiohttp import web
+from modelfleet.dataplane.engine.core import EngineCore
+from modelfleet.dataplane.engine.metrics import EngineMetrics
+from modelfleet.dataplane.engine.service import EngineService
+from modelfleet.dataplane.httpserver import SSE_HEADERS, error_middleware, json_response
+from modelfleet.dataplane.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    parse_json_body,
+    unavailable,
+    validation_error,
+)
+from modelfleet.dataplane.runners.base import ModelRunner, TextCodec
+from modelfleet.dataplane.spec import InferenceDeploymentSpec
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+log = logging.getLogger(__name__)
+
+STATE = web.AppKey("engine_state", "EngineState")
+
+
+class EngineState:
+    """Everything the engine's handlers share, owned by the app."""
+
+    def __init__(self, spec: InferenceDeploymentSpec, runner: ModelRunner, metrics: EngineMetrics) -> None:
+        self.spec = spec
+        self.runner = runner
+        self.metrics = metrics
+        self.core = EngineCore(runner, spec.engine, metrics)
+        self.service: EngineService | None = None
+        self.load_error: str | None = None
+        self.draining = False
+
+    @property
+    def progress(self) -> str:
+        return str(getattr(self.runner, "progress", "loading"))
+
+    def ready_service(self) -> EngineService:
+        if self.service is None or self.draining:
+            raise unavailable(5, f"The model is not ready yet ({self.progress}).")
+        return self.service
+
+
+async def _openai(
+    request: web.Request, model: type[ChatCompletionRequest] | type[CompletionRequest]
+) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = parse_json_body(await request.read())
+    try:
+        req = model.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc.errors(include_url=False)) from None
+    service = state.ready_service()
+    prep = await service.prepare(req, request.headers.get("x-request-id"))
+    if not prep.stream:
+        return json_response(await service.complete(prep), headers={"x-request-id": prep.request_id})
+    async with aclosing(service.stream(prep)) as events:
+        first = await anext(events)  # errors before the first byte keep their HTTP status
+        resp = web.StreamResponse(headers=SSE_HEADERS | {"x-request-id": prep.request_id})
+        await resp.prepare(request)
+        await resp.write(first)
+        async for event in events:
+            await resp.write(event)
+    await resp.write_eof()
+    return resp
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _openai(request, ChatCompletionRequest)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _openai(request, CompletionRequest)
+
+
+async def models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return json_response(state.service.models() if state.service else {"object": "list", "data": []})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.load_error:
+        return json_response({"status": "failed", "error": state.load_error}, status=500)
+    return json_response({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.service is not None and not state.draining:
+        return json_response({"status": "ready", "progress": state.progress})
+    status = "draining" if state.draining else ("failed" if state.load_error else "loading")
+    return json_response({"status": status, "progress": state.load_error or state.progress}, status=503)
+
+
+async def load(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return json_response({**state.core.load(), "ready": state.service is not None})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    data = generate_latest(request.app[STATE].metrics.registry)
+    return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def build_app(state: EngineState) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=32 * 1024 * 1024)
+    app[STATE] = state
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/load", load)
+    app.router.add_get("/metrics", metrics)
+
+    async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
+        task = asyncio.create_task(_load_model(state))
+        yield
+        state.draining = True
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await state.runner.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+async def _load_model(state: EngineState) -> None:
+    try:
+        await state.runner.load_weights(None, state.spec.model.source)
+    except Exception as exc:
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        log.error("loading the model failed: %s", state.load_error)
+        return
+    codec = getattr(state.runner, "codec", None)
+    if not isinstance(codec, TextCodec):
+        state.load_error = "runner has no tokenizer"
+        return
+    state.service = EngineService(state.spec, state.core, codec)
+    log.info("engine ready: %s", ", ".join(state.spec.served_names()))

@@ -1,0 +1,36 @@
+"""Process entry point of an engine replica."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from modelfleet.dataplane.engine.api import EngineState, build_app
+from modelfleet.dataplane.engine.metrics import EngineMetrics
+from modelfleet.dataplane.httpserver import serve
+from modelfleet.dataplane.manifest import ManifestError, load_manifests
+from modelfleet.dataplane.runners.registry import create_runner
+from modelfleet.dataplane.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+
+def select_deployment(settings: EngineSettings):  # type: ignore[no-untyped-def]
+    deployments = load_manifests(settings.manifest)
+    if settings.deployment is None:
+        if len(deployments) != 1:
+            raise ManifestError(f"{settings.manifest} holds {len(deployments)} deployments; pass --deployment")
+        return deployments[0]
+    for dep in deployments:
+        if dep.metadata.name == settings.deployment:
+            return dep
+    raise ManifestError(f"{settings.manifest} has no deployment named {settings.deployment!r}")
+
+
+def run(settings: EngineSettings) -> None:
+    dep = select_deployment(settings)
+    runner = create_runner(dep.spec)
+    state = EngineState(dep.spec, runner, EngineMetrics())
+    app = build_app(state)
+    log.info("engine %s/%d listening on %s:%d", dep.metadata.name, settings.replica, settings.host, settings.port)
+    asyncio.run(serve(app, settings.host, settings.port, shutdown_timeout=settings.shutdown_timeout_s))

@@ -1,0 +1,253 @@
+"""OpenAI semantics on top of the engine core: tokenize, check limits, format.
+
+The engine answers the same OpenAI-compatible API as the gateway, so the
+sidecar and gateway forward bytes instead of translating them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from modelfleet.dataplane.engine.core import EngineCore
+from modelfleet.dataplane.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    model_not_found,
+)
+from modelfleet.dataplane.runners.base import (
+    RunnerError,
+    SamplingParams,
+    SequenceRequest,
+    TextCodec,
+    TokenChunk,
+)
+from modelfleet.dataplane.spec import InferenceDeploymentSpec
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request turned into a sequence for the runner."""
+
+    kind: str  # "chat" | "text"
+    request_id: str
+    model: str
+    sequence: SequenceRequest
+    stream: bool
+    include_usage: bool
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+class EngineService:
+    """Turns OpenAI requests into runner sequences and chunks into responses."""
+
+    def __init__(self, spec: InferenceDeploymentSpec, core: EngineCore, codec: TextCodec) -> None:
+        self.spec = spec
+        self.core = core
+        self.codec = codec
+        self.max_model_len = spec.engine.max_model_len
+
+    def models(self) -> dict[str, Any]:
+        created = 0
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": created, "owned_by": "modelfleet"}
+                for name in self.spec.served_names()
+            ],
+        }
+
+    async def prepare(self, req: ChatCompletionRequest | CompletionRequest, request_id: str | None) -> Prepared:
+        if req.model not in self.spec.served_names():
+            raise model_not_found(req.model)
+        if isinstance(req, ChatCompletionRequest):
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            prompt_ids = await asyncio.to_thread(self.codec.encode_chat, messages)
+            kind, param = "chat", "messages"
+        else:
+            if isinstance(req.prompt, str):
+                prompt_ids = await asyncio.to_thread(self.codec.encode_text, req.prompt)
+            elif isinstance(req.prompt[0], str):
+                prompt_ids = await asyncio.to_thread(self.codec.encode_text, str(req.prompt[0]))
+            else:
+                prompt_ids = [int(t) for t in req.prompt]
+            kind, param = "text", "prompt"
+        n_prompt = len(prompt_ids)
+        if n_prompt == 0:
+            raise ApiError(400, "The prompt is empty after tokenization.", param=param, code="empty_prompt")
+        if n_prompt >= self.max_model_len:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. "
+                f"However, your {param} resulted in {n_prompt} tokens.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        limit = req.token_limit()
+        room = self.max_model_len - n_prompt
+        if limit is not None and limit > room:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. "
+                f"However, you requested {n_prompt + limit} tokens ({n_prompt} in the {param}, "
+                f"{limit} for the completion). Please reduce the length of the {param} or completion.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        rid = request_id or uuid.uuid4().hex
+        sampling = SamplingParams(
+            max_tokens=limit if limit is not None else room,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            seed=req.seed,
+            stop=req.stop_list(),
+        )
+        return Prepared(
+            kind=kind,
+            request_id=rid,
+            model=req.model,
+            sequence=SequenceRequest(request_id=rid, prompt_token_ids=tuple(prompt_ids), sampling=sampling),
+            stream=req.stream,
+            include_usage=req.wants_usage_in_stream(),
+        )
+
+    async def _chunks(self, prep: Prepared) -> AsyncIterator[TokenChunk]:
+        metrics = self.core.metrics
+        started = time.perf_counter()
+        first = True
+        outcome = "error"
+        last: TokenChunk | None = None
+        try:
+            async for chunk in self.core.generate(prep.sequence):
+                if first and chunk.token_ids:
+                    metrics.ttft_seconds.observe(time.perf_counter() - started)
+                    first = False
+                last = chunk
+                yield chunk
+            outcome = "ok"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except RunnerError as exc:
+            raise ApiError(500, f"Generation failed: {exc}", type="server_error", code="runner_error") from None
+        finally:
+            metrics.requests.labels(outcome=outcome).inc()
+            metrics.e2e_seconds.observe(time.perf_counter() - started)
+            metrics.prompt_tokens.inc(len(prep.sequence.prompt_token_ids))
+            if last is not None:
+                metrics.generation_tokens.inc(last.completion_tokens)
+
+    @staticmethod
+    def _usage(chunk: TokenChunk | None, prompt_tokens: int) -> dict[str, int]:
+        completion = chunk.completion_tokens if chunk else 0
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
+
+    async def complete(self, prep: Prepared) -> dict[str, Any]:
+        """A non-streaming response."""
+        parts: list[str] = []
+        last: TokenChunk | None = None
+        async for chunk in self._chunks(prep):
+            parts.append(chunk.text)
+            last = chunk
+        text = "".join(parts)
+        reason = last.finish_reason.value if last and last.finish_reason else "stop"
+        created = int(time.time())
+        usage = self._usage(last, len(prep.sequence.prompt_token_ids))
+        if prep.kind == "chat":
+            return {
+                "id": f"chatcmpl-{prep.request_id}",
+                "object": "chat.completion",
+                "created": created,
+                "model": prep.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": reason,
+                        "logprobs": None,
+                    }
+                ],
+                "usage": usage,
+            }
+        return {
+            "id": f"cmpl-{prep.request_id}",
+            "object": "text_completion",
+            "created": created,
+            "model": prep.model,
+            "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}],
+            "usage": usage,
+        }
+
+    async def stream(self, prep: Prepared) -> AsyncIterator[bytes]:
+        """Server-sent events, ending in ``data: [DONE]``.
+
+        An error after the first byte is sent as an error event (the HTTP
+        status is already 200), never as a silent truncation.
+        """
+        created = int(time.time())
+        chat = prep.kind == "chat"
+        base: dict[str, Any] = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{prep.request_id}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created,
+            "model": prep.model,
+        }
+        async with aclosing(self._chunks(prep)) as chunks:
+            # Admission and the first token happen before the first byte, so a full
+            # queue or a context error still reaches the client as an HTTP status.
+            try:
+                first: TokenChunk | None = await anext(chunks)
+            except StopAsyncIteration:
+                first = None
+            if chat:
+                yield _sse(
+                    {
+                        **base,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "delta": {"role": "assistant", "content": ""},
+                                "finish_reason": None,
+                                "logprobs": None,
+                            }
+                        ],
+                    }
+                )
+            last: TokenChunk | None = None
+            try:
+                chunk = first
+                while chunk is not None:
+                    last = chunk
+                    reason = chunk.finish_reason.value if chunk.finish_reason else None
+                    if chunk.text or reason is not None:
+                        if chat:
+                            delta = {"content": chunk.text} if chunk.text else {}
+                            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+                        else:
+                            choice = {"index": 0, "text": chunk.text, "finish_reason": reason, "logprobs": None}
+                        yield _sse({**base, "choices": [choice]})
+                    chunk = await anext(chunks, None)
+            except ApiError as exc:
+                yield _sse(exc.body())
+                yield SSE_DONE
+                return
+        if prep.include_usage:
+            yield _sse({**base, "choices": [], "usage": self._usage(last, len(prep.sequence.prompt_token_ids))})
+        yield SSE_DONE

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP gateway: one endpoint for every deployment."""

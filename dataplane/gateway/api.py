@@ -1,0 +1,149 @@
+"""The gateway's HTTP routes (FastAPI: the OpenAPI document comes for free).
+
+Thin: validation is the wire models', routing and relaying the service's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from modelfleet.dataplane.gateway.metrics import GatewayMetrics
+from modelfleet.dataplane.gateway.routes import RoutingTable
+from modelfleet.dataplane.gateway.service import GatewayService, Relayed
+from modelfleet.dataplane.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+    internal_error,
+    validation_error,
+)
+from modelfleet.dataplane.upstream import new_session
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work``; cancel it if the client goes away first (stops generation upstream)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise asyncio.CancelledError
+    return task.result()
+
+
+def _to_response(relayed: Relayed) -> Response:
+    if relayed.stream is not None:
+        return StreamingResponse(
+            relayed.stream, status_code=relayed.status, headers=relayed.headers, media_type="text/event-stream"
+        )
+    return Response(
+        relayed.body or b"", status_code=relayed.status, headers=relayed.headers, media_type="application/json"
+    )
+
+
+def create_app(table: RoutingTable) -> FastAPI:
+    metrics = GatewayMetrics()
+    service = GatewayService(table, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.session = new_session()
+        app.state.service = service
+        app.state.metrics = metrics
+        yield
+        await service.session.close()
+
+    app = FastAPI(title="ModelFleet gateway", version="0.1.0", lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return _error_response(ApiError(400, "The request body is not valid JSON.", code="invalid_json"))
+        if tuple(first.get("loc", ())) == ("body",):
+            return _error_response(ApiError(400, "The request body must be a JSON object.", code="invalid_json"))
+        return _error_response(validation_error(errors, skip_prefix=1))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(
+            error_body(str(exc.detail), type=kind, code=str(exc.status_code)), status_code=exc.status_code
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled %s", type(exc).__name__, exc_info=exc)
+        return _error_response(internal_error())
+
+    async def openai(request: Request, endpoint: str, req: ChatCompletionRequest | CompletionRequest) -> Response:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        try:
+            if req.stream:
+                relayed = await service.forward(endpoint, req, request_id)
+            else:
+                relayed = await _until_disconnect(request, service.forward(endpoint, req, request_id))
+        except ApiError as exc:
+            service.count_error(endpoint, exc)
+            raise
+        return _to_response(relayed)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+        return await openai(request, "/v1/chat/completions", req)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(req: CompletionRequest, request: Request) -> Response:
+        return await openai(request, "/v1/completions", req)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return service.models()
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz() -> dict[str, str]:
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,42 @@
+"""Prometheus metrics of the gateway. Labels come from fixed sets: the
+deployment label is a configured deployment name, never a client's string."""
+
+from __future__ import annotations
+
+from modelfleet.dataplane.engine.metrics import LATENCY_BUCKETS
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "modelfleet_gateway_requests_total",
+            "Requests answered by the gateway",
+            ["deployment", "endpoint", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "modelfleet_gateway_request_seconds",
+            "Request latency to the last byte",
+            ["deployment", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "modelfleet_gateway_time_to_first_token_seconds",
+            "Time to the first streamed token",
+            ["deployment"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "modelfleet_gateway_prompt_tokens_total", "Prompt tokens of answered requests", ["deployment"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "modelfleet_gateway_completion_tokens_total",
+            "Generated tokens of answered requests",
+            ["deployment"],
+            registry=r,
+        )

@@ -1,0 +1,125 @@
+"""Gateway logic: route a validated request to its deployment and relay the answer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from modelfleet.dataplane.gateway.metrics import GatewayMetrics
+from modelfleet.dataplane.gateway.routes import DeploymentRoute, RoutingTable
+from modelfleet.dataplane.protocol import ApiError, ChatCompletionRequest, CompletionRequest
+from modelfleet.dataplane.upstream import open_upstream, relay, response_headers
+
+log = logging.getLogger(__name__)
+
+USAGE_MARKER = b'"choices":[]'
+
+
+@dataclass
+class Relayed:
+    """An upstream answer ready to hand to the client."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes | None = None
+    stream: AsyncIterator[bytes] | None = None
+
+
+class GatewayService:
+    def __init__(self, table: RoutingTable, metrics: GatewayMetrics) -> None:
+        self.table = table
+        self.metrics = metrics
+        self.session: aiohttp.ClientSession | None = None
+
+    def models(self) -> dict[str, object]:
+        return {
+            "object": "list",
+            "data": [
+                {"id": model, "object": "model", "created": route.created, "owned_by": "modelfleet"}
+                for model, route in self.table.model_ids()
+            ],
+        }
+
+    async def forward(self, endpoint: str, req: ChatCompletionRequest | CompletionRequest, request_id: str) -> Relayed:
+        route = self.table.lookup(req.model)
+        payload = req.model_dump(exclude_unset=True, mode="json")
+        if req.stream:
+            # Always ask for usage so token metrics are complete; the usage
+            # event is dropped again unless the client asked for it.
+            payload["stream_options"] = {"include_usage": True}
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        endpoints = self.table.endpoints_in_turn(route)
+        order = iter(endpoints)
+
+        def pick(exclude: set[str]) -> str | None:
+            return next((u for u in order if u not in exclude), None)
+
+        assert self.session is not None
+        started = time.perf_counter()
+        attempt = await open_upstream(
+            self.session,
+            pick,
+            endpoint,
+            body,
+            {"content-type": "application/json", "x-request-id": request_id},
+            retry_budget=len(endpoints) - 1,
+            on_retry=lambda url, reason: log.warning("sidecar %s answered %s; trying another", url, reason),
+            what=f"deployment {route.name!r}",
+        )
+        upstream = attempt.response
+        headers = response_headers(upstream)
+        if not headers.get("content-type", "").startswith("text/event-stream"):
+            data = b"".join([c async for c in relay(upstream, streaming=False)])
+            self._count_usage_json(route, data)
+            self._observe(route, endpoint, upstream.status, started)
+            return Relayed(upstream.status, headers, body=data)
+        return Relayed(
+            upstream.status,
+            headers,
+            stream=self._events(route, endpoint, upstream, started, req.wants_usage_in_stream()),
+        )
+
+    async def _events(
+        self, route: DeploymentRoute, endpoint: str, upstream: aiohttp.ClientResponse, started: float, keep_usage: bool
+    ) -> AsyncIterator[bytes]:
+        buffer = b""
+        first = True
+        try:
+            async for data in relay(upstream, streaming=True):
+                if first:
+                    self.metrics.ttft.labels(route.name).observe(time.perf_counter() - started)
+                    first = False
+                buffer += data
+                out = []
+                while (end := buffer.find(b"\n\n")) >= 0:
+                    event, buffer = buffer[: end + 2], buffer[end + 2 :]
+                    if USAGE_MARKER in event and b'"usage"' in event:
+                        self._count_usage_json(route, event[len(b"data: ") :])
+                        if not keep_usage:
+                            continue
+                    out.append(event)
+                if out:
+                    yield b"".join(out)
+            if buffer:
+                yield buffer
+        finally:
+            self._observe(route, endpoint, upstream.status, started)
+
+    def _count_usage_json(self, route: DeploymentRoute, data: bytes) -> None:
+        try:
+            usage = json.loads(data).get("usage") or {}
+        except (ValueError, AttributeError):
+            return
+        self.metrics.prompt_tokens.labels(route.name).inc(int(usage.get("prompt_tokens", 0)))
+        self.metrics.completion_tokens.labels(route.name).inc(int(usage.get("completion_tokens", 0)))
+
+    def _observe(self, route: DeploymentRoute, endpoint: str, status: int, started: float) -> None:
+        self.metrics.requests.labels(route.name, endpoint, str(status)).inc()
+        self.metrics.latency.labels(route.name, endpoint).observe(time.perf_counter() - started)
+
+    def count_error(self, endpoint: str, exc: ApiError) -> None:
+        self.metrics.requests.labels("none", endpoint, str(exc.status)).inc()

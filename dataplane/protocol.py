@@ -1,0 +1,213 @@
+"""OpenAI wire models shared by the gateway and the engine, and the error shape.
+
+Requests are validated strictly: an unknown or out-of-range field is a 400 that
+names the field, as the OpenAI API does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# ---- errors ---------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An error a client sees, in the OpenAI shape, with its HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def model_not_found(model: str) -> ApiError:
+    return ApiError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
+
+
+def overloaded(retry_after_s: int, what: str) -> ApiError:
+    return ApiError(
+        429,
+        f"{what} is at capacity; retry after {retry_after_s} s.",
+        type="rate_limit_error",
+        code="overloaded",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def unavailable(retry_after_s: int, message: str) -> ApiError:
+    return ApiError(
+        503, message, type="service_unavailable", code="no_ready_replica", headers={"Retry-After": str(retry_after_s)}
+    )
+
+
+def internal_error(message: str = "The server had an error while processing your request.") -> ApiError:
+    return ApiError(500, message, type="server_error", code="internal_error")
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """A pydantic location as the OpenAI `param`: ('messages', 0, 'role') -> messages[0].role."""
+    out = ""
+    for item in loc:
+        if isinstance(item, int):
+            out += f"[{item}]"
+        else:
+            out += ("." if out else "") + item
+    return out
+
+
+def validation_error(errors: Sequence[Mapping[str, Any]], skip_prefix: int = 0) -> ApiError:
+    """The first validation failure (pydantic's or FastAPI's error dicts) as a 400 naming the field."""
+    if not errors:
+        return ApiError(400, "The request is invalid.", code="invalid_value")
+    err = errors[0]
+    loc = tuple(err.get("loc", ()))[skip_prefix:]
+    # drop pydantic's union-branch tags such as 'str' or 'list[str]' from the path
+    loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS)))
+    param = field_path(loc) or None
+    kind = err.get("type", "")
+    msg = str(err.get("msg", "invalid value"))
+    if kind == "extra_forbidden":
+        msg = "Unrecognized request argument supplied"
+    elif kind == "missing":
+        msg = "Missing required parameter"
+    code = "missing_required_parameter" if kind == "missing" else "invalid_value"
+    return ApiError(400, f"{msg}: '{param}'." if param else msg, param=param, code=code)
+
+
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "function-after"})
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise ApiError(400, "The request body is empty; expected a JSON object.", code="invalid_json")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(
+            400,
+            f"The request body is not valid JSON: {exc.__class__.__name__} at position {getattr(exc, 'pos', 0)}.",
+            code="invalid_json",
+        ) from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+# ---- requests -------------------------------------------------------------
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(WireModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(WireModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(WireModel):
+    include_usage: bool = False
+
+
+StopField = Annotated[str | list[str] | None, Field(description="Up to 4 sequences where generation stops.")]
+
+
+class SamplingFields(WireModel):
+    """Fields shared by chat and text completions."""
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
+    top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
+    n: Annotated[int, Field(ge=1, le=1, description="Only n=1 is supported.")] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: StopField = None
+    seed: Annotated[int | None, Field(ge=-(2**63), lt=2**64)] = None
+    presence_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
+    frequency_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
+    user: Annotated[str | None, Field(max_length=256)] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return v
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def wants_usage_in_stream(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int | None, Field(ge=1)] = None
+    max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
+    logprobs: Literal[False] | None = None
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Annotated[
+        str | list[int] | list[str], Field(description="A string, a single-element list of strings, or token ids.")
+    ]
+    max_tokens: Annotated[int | None, Field(ge=1)] = 16
+    echo: Literal[False] | None = None
+    logprobs: None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[int] | list[str]) -> str | list[int] | list[str]:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("prompt must not be empty")
+            if isinstance(v[0], str) and len(v) != 1:
+                raise ValueError("only one prompt per request is supported")
+        return v
+
+    def token_limit(self) -> int | None:
+        return self.max_tokens

@@ -1,0 +1,1 @@
+"""Model runners: one module per runtime, all speaking the ModelRunner protocol."""

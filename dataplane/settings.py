@@ -1,0 +1,36 @@
+"""One settings model per process (pydantic-settings): environment variables
+``MODELFLEET_*`` with command-line flags taking precedence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from modelfleet.dataplane.sidecar.routing import RoutingPolicyName
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class _Base(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELFLEET_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_level: str = "INFO"
+    shutdown_timeout_s: float = Field(default=30.0, ge=0)
+
+
+class EngineSettings(_Base):
+    manifest: Path
+    deployment: str | None = None
+    replica: int = 0
+
+
+class SidecarSettings(_Base):
+    deployment: str
+    peers: list[str]
+    policy: RoutingPolicyName = RoutingPolicyName.LEAST_OUTSTANDING
+    retry_budget: int = Field(default=2, ge=0, le=16)
+
+
+class GatewaySettings(_Base):
+    routes: Path

@@ -1,0 +1,1 @@
+"""Coordinator sidecar: routes among the replicas of one deployment."""

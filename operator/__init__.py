@@ -1,0 +1,1 @@
+"""ModelFleet operator: reconciles InferenceDeployment objects (kopf)."""

@@ -1,0 +1,1 @@
+"""Child-manifest builders: pure functions from a spec to Kubernetes objects."""
