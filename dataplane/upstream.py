@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -100,8 +100,8 @@ def response_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
     return {k: v for k in FORWARDED_RESPONSE_HEADERS if (v := resp.headers.get(k)) is not None}
 
 
-def request_headers(headers: dict[str, str] | aiohttp.typedefs.LooseHeaders) -> dict[str, str]:
-    source = {k.lower(): v for k, v in dict(headers).items()}  # type: ignore[arg-type]
+def request_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    source = {k.lower(): v for k, v in headers.items()}
     return {k: source[k] for k in FORWARDED_REQUEST_HEADERS if k in source}
 
 

@@ -30,8 +30,6 @@ from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
 
-STATE = web.AppKey("engine_state", "EngineState")
-
 
 class EngineState:
     """Everything the engine's handlers share, owned by the app."""
@@ -115,6 +113,9 @@ async def load(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     data = generate_latest(request.app[STATE].metrics.registry)
     return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+STATE = web.AppKey("engine_state", EngineState)
 
 
 def build_app(state: EngineState) -> web.Application:

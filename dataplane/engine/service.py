@@ -10,7 +10,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -124,7 +124,7 @@ class EngineService:
             include_usage=req.wants_usage_in_stream(),
         )
 
-    async def _chunks(self, prep: Prepared) -> AsyncIterator[TokenChunk]:
+    async def _chunks(self, prep: Prepared) -> AsyncGenerator[TokenChunk]:
         metrics = self.core.metrics
         started = time.perf_counter()
         first = True
@@ -195,7 +195,7 @@ class EngineService:
             "usage": usage,
         }
 
-    async def stream(self, prep: Prepared) -> AsyncIterator[bytes]:
+    async def stream(self, prep: Prepared) -> AsyncGenerator[bytes]:
         """Server-sent events, ending in ``data: [DONE]``.
 
         An error after the first byte is sent as an error event (the HTTP

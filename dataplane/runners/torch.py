@@ -136,7 +136,7 @@ class TorchRunner:
         path: Path = resolve_hf_dir(source, self._set_progress)
         self._set_progress(f"loading weights from {path.name} ({dtype}, {self.device})")
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         model.to(self.device)
         model.eval()
         eos: set[int] = set()

@@ -126,7 +126,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         # transformers agrees to serialize them.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / CONVERTED_MARKER).write_text(f"{gguf}\n")

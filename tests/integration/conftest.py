@@ -1,0 +1,122 @@
+"""A real `modelfleet up` on a free loopback port, shared by the integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MANIFEST = Path(__file__).with_name("manifests.yaml")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live descendant of pid, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class Stack:
+    proc: subprocess.Popen[str]
+    port: int
+    log: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kw: object) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url + "/v1", api_key="unused", max_retries=0, **kw)  # type: ignore[arg-type]
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_stack(manifest: Path, tmp: Path, timeout: float = 300) -> Stack:
+    port = free_port()
+    log = tmp / f"up-{port}.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "modelfleet.dataplane.cli", "up", "-f", str(manifest), "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+            text=True,
+        )
+    stack = Stack(proc, port, log)
+    deadline = time.monotonic() + timeout
+    while "Ready: " not in stack.output():
+        if proc.poll() is not None:
+            raise AssertionError(f"modelfleet up exited with {proc.returncode}:\n{stack.output()[-4000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"modelfleet up not ready after {timeout} s:\n{stack.output()[-4000:]}")
+        time.sleep(0.2)
+    return stack
+
+
+def stop_stack(stack: Stack, timeout: float = 30) -> set[int]:
+    """SIGTERM the launcher; returns the descendants that were alive before."""
+    before = descendants(stack.proc.pid)
+    stack.proc.send_signal(signal.SIGTERM)
+    stack.proc.wait(timeout)
+    return before
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = start_stack(MANIFEST, tmp_path_factory.mktemp("stack"))
+    yield s
+    if s.proc.poll() is None:
+        stop_stack(s)
