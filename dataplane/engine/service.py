@@ -114,6 +114,7 @@ class EngineService:
             top_p=1.0 if req.top_p is None else req.top_p,
             seed=req.seed,
             stop=req.stop_list(),
+            ignore_eos=req.ignore_eos,
         )
         return Prepared(
             kind=kind,

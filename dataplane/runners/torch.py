@@ -305,7 +305,7 @@ class TorchRunner:
     def _advance(self, seq: _Sequence, token: int) -> None:
         seq.generated.append(token)
         sampling = seq.request.sampling
-        if token in self.eos_token_ids:
+        if token in self.eos_token_ids and not sampling.ignore_eos:
             self._finish(seq, FinishReason.STOP, seq.stop.flush(), token)
             return
         delta = seq.detok.push(token)
