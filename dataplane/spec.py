@@ -154,6 +154,10 @@ class ModelSpec(SpecModel):
     mode: Annotated[Mode, Field(description="completion (chat and text completions), embedding or rerank.")] = (
         Mode.COMPLETION
     )
+    size: Annotated[
+        ModelSize | None,
+        Field(description="Size facts for the memory estimate when the operator cannot read the weights."),
+    ] = None
 
     @model_validator(mode="after")
     def _aliases_distinct(self) -> Self:
@@ -206,6 +210,89 @@ class EngineSpec(SpecModel):
         return max(-(-tokens // self.kv_block_size), -(-self.max_model_len // self.kv_block_size))
 
 
+class GpuVendor(StrEnum):
+    """GPU vendor: picks the extended resource name (nvidia.com/gpu or amd.com/gpu)."""
+
+    NVIDIA = "nvidia"
+    AMD = "amd"
+
+
+class PlacementStrategy(StrEnum):
+    """BinPack fills the fullest nodes that fit (least fragmentation); Spread the emptiest."""
+
+    BIN_PACK = "BinPack"
+    SPREAD = "Spread"
+
+
+class SpreadDomain(StrEnum):
+    """Where replicas must not share: nothing, a node, or a zone."""
+
+    NONE = "None"
+    NODE = "Node"
+    ZONE = "Zone"
+
+
+class Toleration(SpecModel):
+    """A Kubernetes toleration, copied to the data-plane pods."""
+
+    key: Annotated[str | None, Field(description="Taint key; empty with operator Exists matches every taint.")] = None
+    operator: Annotated[Literal["Exists", "Equal"], Field(description="Exists or Equal.")] = "Equal"
+    value: Annotated[str | None, Field(description="Taint value (operator Equal).")] = None
+    effect: Annotated[
+        Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None,
+        Field(description="Taint effect to tolerate; empty tolerates every effect."),
+    ] = None
+
+
+class ModelSize(SpecModel):
+    """Size facts used to estimate memory when the weights cannot be read by the operator."""
+
+    parameters: Annotated[int | None, Field(ge=1, description="Parameter count, for example 8030261248.")] = None
+    num_layers: Annotated[int | None, Field(ge=1, description="Transformer layers (for the KV-cache estimate).")] = None
+    num_kv_heads: Annotated[int | None, Field(ge=1, description="Key/value heads per layer.")] = None
+    head_dim: Annotated[int | None, Field(ge=1, description="Dimension of one attention head.")] = None
+
+
+class PlacementSpec(SpecModel):
+    """GPU placement constraints. Ignored for CPU deployments (torch on cpu, remote)."""
+
+    gpu_vendor: Annotated[GpuVendor, Field(description="GPU vendor of the nodes to use.")] = GpuVendor.NVIDIA
+    gpu_types: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=128)]],
+        Field(
+            max_length=32,
+            description="Allowed GPU products, matched case-insensitively as substrings of the node label "
+            "nvidia.com/gpu.product (for example H100, A100-SXM4-80GB, L4). Empty allows any.",
+        ),
+    ] = []
+    min_gpu_memory_gib: Annotated[int | None, Field(ge=1, le=4096, description="Minimum memory of each GPU, GiB.")] = (
+        None
+    )
+    gpus_per_replica: Annotated[
+        int | None,
+        Field(ge=1, le=64, description="GPUs per replica (tensor-parallel size). Default: estimated from the model."),
+    ] = None
+    max_gpus_per_replica: Annotated[
+        int, Field(ge=1, le=64, description="Upper bound for the estimated GPUs per replica.")
+    ] = 8
+    strategy: Annotated[PlacementStrategy, Field(description="BinPack (default) or Spread.")] = (
+        PlacementStrategy.BIN_PACK
+    )
+    spread_across: Annotated[
+        SpreadDomain, Field(description="Replicas never share this domain (None, Node or Zone).")
+    ] = SpreadDomain.NONE
+    node_selector: Annotated[dict[str, str], Field(description="Labels every chosen node must carry.")] = {}
+    tolerations: Annotated[
+        list[Toleration], Field(max_length=32, description="Tolerations for tainted GPU nodes.")
+    ] = []
+
+    @model_validator(mode="after")
+    def _gpu_bounds(self) -> Self:
+        if self.gpus_per_replica is not None and self.gpus_per_replica > self.max_gpus_per_replica:
+            raise ValueError("gpusPerReplica must not exceed maxGpusPerReplica")
+        return self
+
+
 class InferenceDeploymentSpec(SpecModel):
     """Desired state of an InferenceDeployment."""
 
@@ -213,6 +300,7 @@ class InferenceDeploymentSpec(SpecModel):
     runtime: Annotated[RuntimeSpec, Field(description="The engine that executes it.")] = RuntimeSpec()
     replicas: Annotated[int, Field(ge=0, le=1024, description="Number of engine replicas.")] = 1
     engine: Annotated[EngineSpec, Field(description="Engine-core limits per replica.")] = EngineSpec()
+    placement: Annotated[PlacementSpec, Field(description="GPU placement constraints.")] = PlacementSpec()
 
     @model_validator(mode="after")
     def _runtime_fits_source(self) -> Self:
@@ -227,6 +315,75 @@ class InferenceDeploymentSpec(SpecModel):
 
     def served_names(self) -> list[str]:
         return [self.model.name, *self.model.aliases]
+
+    def needs_gpu(self) -> bool:
+        """vLLM and SGLang always run on GPUs; torch only when asked for cuda. Remote never."""
+        kind = self.runtime.kind
+        return kind in (RuntimeKind.VLLM, RuntimeKind.SGLANG) or (
+            kind is RuntimeKind.TORCH and self.runtime.device is Device.CUDA
+        )
+
+
+class Phase(StrEnum):
+    """Lifecycle summary shown by `kubectl get infd`."""
+
+    PENDING = "Pending"
+    UNPLACEABLE = "Unplaceable"
+    PROGRESSING = "Progressing"
+    AVAILABLE = "Available"
+    DEGRADED = "Degraded"
+
+
+class Condition(SpecModel):
+    """A Kubernetes-style condition (Placed, Available, Progressing, Degraded)."""
+
+    type: Annotated[str, Field(description="Condition type.")]
+    status: Annotated[Literal["True", "False", "Unknown"], Field(description="True, False or Unknown.")]
+    reason: Annotated[str, Field(description="CamelCase reason.")] = ""
+    message: Annotated[str, Field(description="What a person can act on.")] = ""
+    last_transition_time: Annotated[str | None, Field(description="RFC 3339 time of the last status change.")] = None
+    observed_generation: Annotated[int | None, Field(description="The generation this condition describes.")] = None
+
+
+class PlacementStatus(SpecModel):
+    """Where and how the replicas were placed."""
+
+    gpu_type: Annotated[str | None, Field(description="GPU product chosen.")] = None
+    gpus_per_replica: Annotated[int, Field(description="GPUs per replica (0 for CPU deployments).")] = 0
+    tensor_parallel_size: Annotated[int, Field(description="Tensor-parallel size of each replica.")] = 1
+    memory_per_replica_gib: Annotated[
+        float | None, Field(description="Estimated accelerator memory per replica, GiB.")
+    ] = None
+    nodes: Annotated[list[str], Field(description="Nodes chosen for the replicas (preferred affinity).")] = []
+    summary: Annotated[str, Field(description="One line a person can read.")] = ""
+
+
+class MetricsSnapshot(SpecModel):
+    """Per-deployment metrics gathered from the pods."""
+
+    requests_per_second: Annotated[float, Field(description="Requests finished per second.")] = 0.0
+    tokens_per_second: Annotated[float, Field(description="Generated tokens per second.")] = 0.0
+    errors_by_kind: Annotated[dict[str, int], Field(description="Failed requests by failure kind.")] = {}
+    ttft_p95_seconds: Annotated[float | None, Field(description="95th percentile time to first token.")] = None
+    collected_at: Annotated[str | None, Field(description="RFC 3339 time of the snapshot.")] = None
+
+
+class InferenceDeploymentStatus(SpecModel):
+    """Observed state, written by the operator."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+    observed_generation: Annotated[int | None, Field(description="Generation of the spec last acted on.")] = None
+    phase: Annotated[Phase | None, Field(description="Pending, Unplaceable, Progressing, Available or Degraded.")] = (
+        None
+    )
+    replicas: Annotated[int, Field(description="Replicas that exist.")] = 0
+    ready_replicas: Annotated[int, Field(description="Replicas that are ready.")] = 0
+    selector: Annotated[str | None, Field(description="Label selector of the pods (for the scale subresource).")] = None
+    endpoint: Annotated[str | None, Field(description="In-cluster URL of the deployment's Service.")] = None
+    conditions: Annotated[list[Condition], Field(description="Placed, Available, Progressing, Degraded.")] = []
+    placement: Annotated[PlacementStatus | None, Field(description="Placement decision.")] = None
+    metrics: Annotated[MetricsSnapshot | None, Field(description="Latest metrics snapshot.")] = None
 
 
 class ObjectMeta(SpecModel):
