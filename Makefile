@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: help run test venv venv-test lint typecheck unit integration e2e k8s bench clean
+.PHONY: help run test venv venv-test lint typecheck unit integration e2e k8s bench clean crds
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -51,3 +51,9 @@ bench: venv-test ## run the benchmarks (prints tables; record results in bench/R
 
 clean: ## remove build outputs (keeps the caches outside the repo)
 	rm -rf build .mypy_cache .ruff_cache .pytest_cache
+
+CRD_FILE := crds/inferencedeployments.modelfleet.io.yaml
+crds: venv-test ## render the CRD from dataplane/spec.py into crds/ and the chart
+	@mkdir -p crds helm/modelfleet/crds
+	$(PY) -m modelfleet.operator.crd > $(CRD_FILE)
+	cp $(CRD_FILE) helm/modelfleet/crds/

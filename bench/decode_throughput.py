@@ -99,17 +99,19 @@ async def bench_in_process(levels: list[int], tokens: int) -> list[tuple[str, in
     await run_round(lambda i, t: one_in_process(runner, codec, i, t), 1, 8)  # warm-up
     rows = []
     for c in levels:
-        rows.append(("runner in-process", c, await run_round(lambda i, t: one_in_process(runner, codec, i, t), c, tokens)))
+        rows.append(
+            ("runner in-process", c, await run_round(lambda i, t: one_in_process(runner, codec, i, t), c, tokens))
+        )
     await runner.close()
     return rows
 
 
 async def bench_stack(levels: list[int], tokens: int) -> list[tuple[str, int, dict[str, float]]]:
+    import tempfile
+
     import openai
 
     from tests.integration.conftest import start_stack, stop_stack
-
-    import tempfile
 
     stack = start_stack(MANIFEST, Path(tempfile.mkdtemp(prefix="bench-")))
     try:
@@ -131,10 +133,16 @@ def main() -> None:
     args = parser.parse_args()
     rows = asyncio.run(bench_in_process(args.concurrency, args.tokens))
     rows += asyncio.run(bench_stack(args.concurrency, args.tokens))
-    print(f"\nmachine: {platform.node()} {os.cpu_count()} cpus, python {platform.python_version()}; tokens/stream={args.tokens}")
-    print(f"{'contender':<20} {'streams':>7} {'tokens':>7} {'wall s':>8} {'agg tok/s':>10} {'tok/s/stream':>13} {'TTFT p50 ms':>12}")
+    print(
+        f"\nmachine: {platform.node()} {os.cpu_count()} cpus, python {platform.python_version()}; tokens/stream={args.tokens}"
+    )
+    print(
+        f"{'contender':<20} {'streams':>7} {'tokens':>7} {'wall s':>8} {'agg tok/s':>10} {'tok/s/stream':>13} {'TTFT p50 ms':>12}"
+    )
     for name, c, r in rows:
-        print(f"{name:<20} {c:>7} {int(r['tokens']):>7} {r['wall_s']:>8.2f} {r['agg_tps']:>10.1f} {r['per_stream_tps']:>13.1f} {r['ttft_p50_ms']:>12.1f}")
+        print(
+            f"{name:<20} {c:>7} {int(r['tokens']):>7} {r['wall_s']:>8.2f} {r['agg_tps']:>10.1f} {r['per_stream_tps']:>13.1f} {r['ttft_p50_ms']:>12.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+
 from modelfleet.dataplane.protocol import ApiError, error_body, internal_error
 
 log = logging.getLogger(__name__)

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from modelfleet.dataplane.spec import InferenceDeployment, describe_location
 from pydantic import ValidationError
+
+from modelfleet.dataplane.spec import InferenceDeployment, describe_location
 
 
 class ManifestError(ValueError):

@@ -164,7 +164,9 @@ class SamplingFields(WireModel):
     presence_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
     frequency_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
     user: Annotated[str | None, Field(max_length=256)] = None
-    ignore_eos: Annotated[bool, Field(description="vLLM-compatible extension: keep generating past end-of-sequence (benchmarks).")] = False
+    ignore_eos: Annotated[
+        bool, Field(description="vLLM-compatible extension: keep generating past end-of-sequence (benchmarks).")
+    ] = False
 
     @field_validator("stop")
     @classmethod

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from modelfleet.dataplane.sidecar.routing import RoutingPolicyName
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from modelfleet.dataplane.sidecar.routing import RoutingPolicyName
 
 
 class _Base(BaseSettings):

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
+
 from modelfleet.dataplane.protocol import ApiError, error_body, unavailable
 
 log = logging.getLogger(__name__)

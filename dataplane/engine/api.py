@@ -12,6 +12,9 @@ import logging
 from contextlib import aclosing
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
 from modelfleet.dataplane.engine.core import EngineCore
 from modelfleet.dataplane.engine.metrics import EngineMetrics
 from modelfleet.dataplane.engine.service import EngineService
@@ -25,8 +28,6 @@ from modelfleet.dataplane.protocol import (
 )
 from modelfleet.dataplane.runners.base import ModelRunner, TextCodec
 from modelfleet.dataplane.spec import InferenceDeploymentSpec
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
 

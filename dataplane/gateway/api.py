@@ -16,6 +16,9 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from modelfleet.dataplane.gateway.metrics import GatewayMetrics
 from modelfleet.dataplane.gateway.routes import RoutingTable
 from modelfleet.dataplane.gateway.service import GatewayService, Relayed
@@ -28,8 +31,6 @@ from modelfleet.dataplane.protocol import (
     validation_error,
 )
 from modelfleet.dataplane.upstream import new_session
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

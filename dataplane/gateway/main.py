@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uvicorn
+
 from modelfleet.dataplane.gateway.api import create_app
 from modelfleet.dataplane.gateway.routes import RoutingTable
 from modelfleet.dataplane.settings import GatewaySettings

@@ -3,8 +3,9 @@ deployment label is a configured deployment name, never a client's string."""
 
 from __future__ import annotations
 
-from modelfleet.dataplane.engine.metrics import LATENCY_BUCKETS
 from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from modelfleet.dataplane.engine.metrics import LATENCY_BUCKETS
 
 
 class GatewayMetrics:

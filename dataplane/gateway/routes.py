@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelfleet.dataplane.protocol import model_not_found
 from pydantic import BaseModel, ConfigDict
+
+from modelfleet.dataplane.protocol import model_not_found
 
 
 class DeploymentRoute(BaseModel):

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
+
 from modelfleet.dataplane.gateway.metrics import GatewayMetrics
 from modelfleet.dataplane.gateway.routes import DeploymentRoute, RoutingTable
 from modelfleet.dataplane.protocol import ApiError, ChatCompletionRequest, CompletionRequest

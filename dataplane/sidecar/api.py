@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
 from modelfleet.dataplane.httpserver import api_error_response, error_middleware, json_response
 from modelfleet.dataplane.protocol import ApiError
 from modelfleet.dataplane.sidecar.service import Coordinator
 from modelfleet.dataplane.upstream import new_session, relay, request_headers, response_headers
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 COORDINATOR = web.AppKey("coordinator", Coordinator)
 

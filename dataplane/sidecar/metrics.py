@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from modelfleet.dataplane.engine.metrics import LATENCY_BUCKETS as LATENCY_BUCKETS
 from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from modelfleet.dataplane.engine.metrics import LATENCY_BUCKETS as LATENCY_BUCKETS
 
 
 class SidecarMetrics:

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 
 import aiohttp
+
 from modelfleet.dataplane.sidecar.metrics import SidecarMetrics
 from modelfleet.dataplane.sidecar.routing import Peer, RoutingPolicy
 from modelfleet.dataplane.upstream import Attempt, open_upstream

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from modelfleet.dataplane.runners.base import SamplingParams
 from modelfleet.dataplane.runners.decoding import StopChecker, sample_next
 

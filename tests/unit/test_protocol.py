@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
+
 from modelfleet.dataplane.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -10,7 +12,6 @@ from modelfleet.dataplane.protocol import (
     parse_json_body,
     validation_error,
 )
-from pydantic import ValidationError
 
 
 def _error(model, body) -> ApiError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+
 from modelfleet.dataplane.sidecar.routing import (
     POLICIES,
     LeastOutstanding,

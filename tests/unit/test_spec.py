@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from modelfleet.dataplane.manifest import ManifestError, load_manifests, parse_manifest
 from modelfleet.dataplane.spec import DType, EngineSpec, InferenceDeploymentSpec, RuntimeKind
 
