@@ -56,4 +56,4 @@ CRD_FILE := crds/inferencedeployments.modelfleet.io.yaml
 crds: venv-test ## render the CRD from dataplane/spec.py into crds/ and the chart
 	@mkdir -p crds helm/modelfleet/crds
 	$(PY) -m modelfleet.operator.crd > $(CRD_FILE)
-	cp $(CRD_FILE) helm/modelfleet/crds/
+	cp $(CRD_FILE) crds/kopf-peerings.yaml helm/modelfleet/crds/

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--policy", default="least_outstanding", choices=["least_outstanding", "round_robin"])
     _server_flags(sidecar)
 
+    operator = sub.add_parser("operator", help="run the Kubernetes operator (settings: MODELFLEET_OPERATOR_* env vars)")
+    operator.add_argument("--verbose", action="store_true")
+
     gateway = sub.add_parser("gateway", help="run the OpenAI-compatible gateway")
     gateway.add_argument("--routes", type=Path, required=True, help="routing table (JSON)")
     _server_flags(gateway)
@@ -65,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
             except LaunchError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
+        if args.command == "operator":
+            # the CLI is the composition root; the data plane itself never imports the operator
+            operator_main = importlib.import_module("modelfleet.operator.main")
+            operator_main.run(verbose=args.verbose)
+            return 0
         _logging(args.command if args.command != "engine" else f"engine-{args.replica}", args.log_level)
         if args.command == "engine":
             from modelfleet.dataplane.engine.main import run as run_engine

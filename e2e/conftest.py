@@ -49,3 +49,51 @@ def namespace(k8s: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str
         print(f"--- objects in {name} ---\n{dump.stdout}{dump.stderr}")
         k8s.dump_logs(tail_lines=40)
     k8s.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+GPU_FLEET = [
+    # name, gpus, product, memory MiB, zone, taints
+    ("gpu-h100-0", 8, "NVIDIA-H100-80GB-HBM3", 81559, "zone-a", None),
+    ("gpu-h100-1", 8, "NVIDIA-H100-80GB-HBM3", 81559, "zone-b", None),
+    ("gpu-a100-0", 4, "NVIDIA-A100-SXM4-40GB", 40960, "zone-a", None),
+    ("gpu-a100-1", 4, "NVIDIA-A100-SXM4-40GB", 40960, "zone-b", None),
+    ("gpu-l4-0", 2, "NVIDIA-L4", 23034, "zone-a", None),
+    (
+        "gpu-tainted-0",
+        8,
+        "NVIDIA-H100-80GB-HBM3",
+        81559,
+        "zone-c",
+        [{"key": "dedicated", "value": "team-x", "effect": "NoSchedule"}],
+    ),
+]
+
+
+@pytest.fixture(scope="session")
+def gpu_nodes(k8s: ControlPlane) -> list[str]:
+    """Heterogeneous fake GPU nodes (kwok) plus one CPU-only node, all Ready."""
+    from e2e.cluster import fake_gpu_node
+
+    nodes = [
+        fake_gpu_node(name, gpu_count=gpus, gpu_product=product, gpu_memory_mib=mem, zone=zone, taints=taints)
+        for name, gpus, product, mem, zone, taints in GPU_FLEET
+    ]
+    cpu = fake_gpu_node("cpu-0", gpu_count=0, zone="zone-a")
+    cpu["metadata"]["labels"] = {k: v for k, v in cpu["metadata"]["labels"].items() if not k.startswith("nvidia.com/")}
+    for section in ("allocatable", "capacity"):
+        cpu["status"][section].pop("nvidia.com/gpu")
+    nodes.append(cpu)
+    k8s.apply(*nodes)
+    names = [n["metadata"]["name"] for n in nodes]
+
+    def all_ready() -> bool:
+        items = k8s.get_json("nodes")["items"]
+        ready = {
+            n["metadata"]["name"]
+            for n in items
+            if any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))
+        }
+        return set(names) <= ready
+
+    k8s.wait_for("fake nodes Ready", all_ready, 90)
+    return names

@@ -1,0 +1,226 @@
+"""kopf handlers: reconcile InferenceDeployments into their children.
+
+* create / update / resume -> place, render the children, server-side apply them
+  (plan and apply stay apart: ``resources.children`` renders, ``kube`` applies);
+* events of the children -> fold their state into the CR status, and put back a
+  child that was edited or deleted by hand;
+* delete -> the finalizer removes the children (owner references would too,
+  given a garbage collector);
+* a daemon per deployment gathers the pods' /metrics into ``status.metrics``.
+
+Kopf peering keeps a second operator replica paused while the first acts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import aiohttp
+import kopf
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+
+from modelfleet.dataplane.spec import API_GROUP, API_VERSION, PLURAL, InferenceDeploymentSpec
+from modelfleet.operator import metrics_snapshot, status
+from modelfleet.operator.kube import Kube
+from modelfleet.operator.placing import Placed, Unplaceable, place
+from modelfleet.operator.resources import children, names
+from modelfleet.operator.settings import OperatorSettings
+
+FINALIZER = "modelfleet.io/finalizer"
+CHILD_FILTER = {"app.kubernetes.io/managed-by": names.MANAGED_BY}
+
+
+@dataclass
+class Applied:
+    """What the operator last wrote to a child: its generation (or resourceVersion)."""
+
+    version: str
+
+
+def _load_api() -> k8s_client.ApiClient:
+    try:
+        k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
+    return k8s_client.ApiClient()
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: Any, logger: kopf.Logger, **_: Any) -> None:
+    cfg = OperatorSettings()
+    memo.cfg = cfg
+    memo.kube = Kube(_load_api(), cfg.field_manager)
+    memo.applied = {}
+    memo.scrapes = {}
+    settings.peering.mandatory = True
+    # kopf pauses until its peering object exists; create it on first start
+    await asyncio.to_thread(memo.kube.ensure_peering, cfg.peering_name, cfg.namespace)
+    settings.persistence.finalizer = FINALIZER
+    settings.posting.level = logging.INFO
+    settings.execution.max_workers = 16
+    settings.networking.request_timeout = 30
+    settings.watching.server_timeout = 300
+    logger.info("operator starting: peering %s, priority %d", cfg.peering_name, settings.peering.priority)
+
+
+def _version_of(obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    gen = meta.get("generation")
+    return (
+        f"g{gen}"
+        if gen is not None and obj.get("kind") in ("Deployment", "PodDisruptionBudget")
+        else f"r{meta.get('resourceVersion')}"
+    )
+
+
+def reconcile(memo: Any, body: dict[str, Any]) -> Placed | Unplaceable:
+    """Place and apply; runs in a worker thread (the Kubernetes client blocks)."""
+    kube: Kube = memo.kube
+    cfg: OperatorSettings = memo.cfg
+    meta = body["metadata"]
+    owner = children.Owner(meta["name"], meta["namespace"], meta["uid"])
+    spec = InferenceDeploymentSpec.model_validate(body["spec"])
+    generation = meta.get("generation")
+    outcome = place(kube, owner, spec)
+    if isinstance(outcome, Unplaceable):
+        kube.write_status(
+            owner.namespace, owner.name,
+            {"observedGeneration": generation, "placement": {"summary": outcome.message}},
+            [status.condition(status.PLACED, False, outcome.reason, outcome.message, generation)],
+        )  # fmt: skip
+        return outcome
+    for obj in children.plan_children(owner, spec, cfg, outcome.pod):
+        applied = kube.apply(obj)
+        memo.applied[(owner.namespace, obj["kind"], obj["metadata"]["name"])] = _version_of(applied)
+    deployment = kube.deployment(owner.namespace, owner.name)
+    rollout, counts = status.rollout_conditions(spec.replicas, deployment, generation)
+    kube.write_status(
+        owner.namespace, owner.name,
+        {
+            "observedGeneration": generation,
+            "selector": f"{names.DEPLOYMENT_LABEL}={owner.name}",
+            "endpoint": children.endpoint(owner, cfg),
+            "placement": outcome.status.to_wire(),
+            **counts,
+        },
+        [status.condition(status.PLACED, True, "Placed", outcome.status.summary, generation), *rollout],
+    )  # fmt: skip
+    return outcome
+
+
+async def _reconcile_and_report(body: kopf.Body, memo: Any, logger: kopf.Logger) -> None:
+    started = time.perf_counter()
+    outcome = await asyncio.to_thread(reconcile, memo, dict(body))
+    if isinstance(outcome, Unplaceable):
+        kopf.warn(body, reason=outcome.reason, message=outcome.message)
+        raise kopf.TemporaryError(f"{outcome.reason}: {outcome.message}", delay=30)
+    kopf.info(body, reason="Placed", message=outcome.status.summary)
+    kopf.info(body, reason="Applied", message="ConfigMap, Services, PodDisruptionBudget and Deployment applied")
+    logger.info("reconciled in %.0f ms", (time.perf_counter() - started) * 1000)
+
+
+@kopf.on.create(API_GROUP, API_VERSION, PLURAL)
+@kopf.on.update(API_GROUP, API_VERSION, PLURAL)
+@kopf.on.resume(API_GROUP, API_VERSION, PLURAL)
+async def apply_deployment(body: kopf.Body, memo: Any, logger: kopf.Logger, **_: Any) -> None:
+    await _reconcile_and_report(body, memo, logger)
+
+
+@kopf.on.delete(API_GROUP, API_VERSION, PLURAL)
+async def delete_deployment(body: kopf.Body, memo: Any, logger: kopf.Logger, **_: Any) -> None:
+    meta = body["metadata"]
+    kube: Kube = memo.kube
+    deleted = await asyncio.to_thread(kube.delete_children, meta["namespace"], meta["name"])
+    for key in [k for k in memo.applied if k[0] == meta["namespace"] and k[2].startswith(meta["name"])]:
+        memo.applied.pop(key, None)
+    memo.scrapes.pop((meta["namespace"], meta["name"]), None)
+    logger.info("deleted %d children", deleted)
+
+
+async def _child_event(event: kopf.RawEvent, memo: Any, logger: kopf.Logger) -> None:
+    obj = event["object"]
+    meta = obj.get("metadata") or {}
+    owner_name = (meta.get("labels") or {}).get(names.DEPLOYMENT_LABEL)
+    namespace = meta.get("namespace")
+    if not owner_name or not namespace or not hasattr(memo, "kube"):
+        return
+    kube: Kube = memo.kube
+    key = (namespace, obj.get("kind"), meta.get("name"))
+    known = memo.applied.get(key)
+    drifted = event["type"] == "DELETED" or (known is not None and known != _version_of(obj))
+    if drifted:
+        cr = await asyncio.to_thread(kube.get_cr, namespace, owner_name)
+        if cr is None or (cr.get("metadata") or {}).get("deletionTimestamp"):
+            return
+        logger.warning(
+            "%s %s/%s was changed outside the operator; restoring it", obj.get("kind"), namespace, meta.get("name")
+        )
+        outcome = await asyncio.to_thread(reconcile, memo, cr)
+        if isinstance(outcome, Placed):
+            kopf.info(
+                cast(kopf.Body, cr),
+                reason="Restored",
+                message=f"{obj.get('kind')} {meta.get('name')} was changed by hand; put back",
+            )
+        return
+    if obj.get("kind") == "Deployment" and event["type"] != "DELETED":
+        cr = await asyncio.to_thread(kube.get_cr, namespace, owner_name)
+        if cr is None:
+            return
+        desired = int((cr.get("spec") or {}).get("replicas", 1))
+        generation = (cr.get("metadata") or {}).get("generation")
+        rollout, counts = status.rollout_conditions(desired, obj, generation)
+        await asyncio.to_thread(kube.write_status, namespace, owner_name, counts, rollout)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=CHILD_FILTER)
+async def deployment_event(event: kopf.RawEvent, memo: Any, logger: kopf.Logger, **_: Any) -> None:
+    await _child_event(event, memo, logger)
+
+
+@kopf.on.event("v1", "services", labels=CHILD_FILTER)
+@kopf.on.event("v1", "configmaps", labels=CHILD_FILTER)
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=CHILD_FILTER)
+async def other_child_event(event: kopf.RawEvent, memo: Any, logger: kopf.Logger, **_: Any) -> None:
+    await _child_event(event, memo, logger)
+
+
+@kopf.daemon(API_GROUP, API_VERSION, PLURAL, cancellation_timeout=5)
+async def gather_metrics(
+    stopped: kopf.DaemonStopped, meta: kopf.Meta, memo: Any, logger: kopf.Logger, **_: Any
+) -> None:
+    """Every metricsIntervalS, scrape each ready pod's engine /metrics into status.metrics."""
+    cfg: OperatorSettings = memo.cfg
+    if not cfg.metrics_enabled:
+        return
+    kube: Kube = memo.kube
+    namespace, name = str(meta["namespace"]), str(meta["name"])
+    timeout = aiohttp.ClientTimeout(total=3)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        previous: dict[str, metrics_snapshot.Scrape] = {}
+        last = time.monotonic()
+        while not stopped:
+            await stopped.wait(cfg.metrics_interval_s)
+            if stopped:
+                break
+            pods = await asyncio.to_thread(kube.pods_of, namespace, name)
+            current: dict[str, metrics_snapshot.Scrape] = {}
+            for pod in pods:
+                ip = (pod.get("status") or {}).get("podIP")
+                if not ip:
+                    continue
+                try:
+                    async with session.get(f"http://{ip}:{names.ENGINE_PORT}/metrics") as resp:
+                        current[pod["metadata"]["name"]] = metrics_snapshot.parse(await resp.text())
+                except (aiohttp.ClientError, TimeoutError):
+                    logger.debug("metrics of pod %s unreachable", pod["metadata"]["name"])
+            now = time.monotonic()
+            snap = metrics_snapshot.snapshot(previous, current, now - last, status.now_rfc3339())
+            previous, last = current, now
+            await asyncio.to_thread(kube.write_status, namespace, name, {"metrics": snap.to_wire()}, [])

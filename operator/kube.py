@@ -1,0 +1,159 @@
+"""The operator's Kubernetes I/O: server-side apply, reads, status writes.
+
+Synchronous (the official client); handlers call it through a worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from kubernetes import client, dynamic
+from kubernetes.client.exceptions import ApiException
+
+from modelfleet.dataplane.spec import API_GROUP, API_VERSION, PLURAL
+from modelfleet.operator import status as st
+from modelfleet.operator.resources import names
+
+log = logging.getLogger(__name__)
+
+CHILD_KINDS = (
+    ("apps/v1", "Deployment"),
+    ("v1", "Service"),
+    ("v1", "ConfigMap"),
+    ("policy/v1", "PodDisruptionBudget"),
+)
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient, field_manager: str) -> None:
+        self.api = api
+        self.field_manager = field_manager
+        self.core = client.CoreV1Api(api)
+        self.apps = client.AppsV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self._dyn: dynamic.DynamicClient | None = None
+        self._resources: dict[tuple[str, str], Any] = {}
+
+    def _resource(self, api_version: str, kind: str) -> Any:
+        key = (api_version, kind)
+        if key not in self._resources:
+            if self._dyn is None:
+                self._dyn = dynamic.DynamicClient(self.api)  # type: ignore[no-untyped-call]
+            self._resources[key] = self._dyn.resources.get(api_version=api_version, kind=kind)
+        return self._resources[key]
+
+    def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply as the operator's field manager; conflicts are forced (we own these fields)."""
+        meta = obj["metadata"]
+        res = self._resource(obj["apiVersion"], obj["kind"])
+        out = res.server_side_apply(
+            body=dict(obj),
+            name=meta["name"],
+            namespace=meta.get("namespace"),
+            field_manager=self.field_manager,
+            force_conflicts=True,
+        )
+        result: dict[str, Any] = out.to_dict()
+        return result
+
+    def ensure_peering(self, name: str, namespace: str | None) -> None:
+        """Create kopf's peering object (cluster-wide, or in the watched namespace) unless it exists."""
+        body = {"apiVersion": "kopf.dev/v1", "metadata": {"name": name}}
+        try:
+            if namespace is None:
+                self.custom.create_cluster_custom_object(
+                    "kopf.dev", "v1", "clusterkopfpeerings", {**body, "kind": "ClusterKopfPeering"}
+                )
+            else:
+                self.custom.create_namespaced_custom_object(
+                    "kopf.dev", "v1", namespace, "kopfpeerings", {**body, "kind": "KopfPeering"}
+                )
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    def delete_children(self, namespace: str, name: str) -> int:
+        selector = f"{names.DEPLOYMENT_LABEL}={name},app.kubernetes.io/managed-by={names.MANAGED_BY}"
+        deleted = 0
+        for api_version, kind in CHILD_KINDS:
+            res = self._resource(api_version, kind)
+            for item in res.get(namespace=namespace, label_selector=selector).items:
+                try:
+                    res.delete(name=item.metadata.name, namespace=namespace, body={"propagationPolicy": "Background"})
+                    deleted += 1
+                except ApiException as exc:
+                    if exc.status != 404:
+                        raise
+        return deleted
+
+    def _raw(self, call: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        resp = call(*args, _preload_content=False, **kw)
+        return json.loads(resp.data)
+
+    def nodes_and_pods(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        nodes = self._raw(self.core.list_node)["items"]
+        pods = self._raw(
+            self.core.list_pod_for_all_namespaces,
+            field_selector="status.phase!=Succeeded,status.phase!=Failed",
+        )["items"]
+        return nodes, pods
+
+    def pods_of(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self._raw(
+            self.core.list_namespaced_pod, namespace, label_selector=f"{names.DEPLOYMENT_LABEL}={name}"
+        )["items"]
+        return items
+
+    def deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = self._raw(self.apps.read_namespaced_deployment, name, namespace)
+            return result
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def get_cr(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = self._raw(
+                self.custom.get_namespaced_custom_object, API_GROUP, API_VERSION, namespace, PLURAL, name
+            )
+            return result
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def write_status(
+        self, namespace: str, name: str, fields: Mapping[str, Any], conditions: list[dict[str, Any]], attempts: int = 5
+    ) -> bool:
+        """Merge ``fields`` and ``conditions`` into the CR status, with optimistic concurrency.
+
+        Reads the current status, merges conditions by type, and writes with the
+        read resourceVersion; a conflict (another writer got there first) retries.
+        """
+        for _ in range(attempts):
+            cr = self.get_cr(namespace, name)
+            if cr is None:
+                return False
+            old = (cr.get("status") or {}).get("conditions") or []
+            merged = st.merge_conditions(old, conditions, st.now_rfc3339())
+            new_status = {**(cr.get("status") or {}), **fields, "conditions": merged}
+            new_status["phase"] = st.phase(merged).value
+            if new_status == cr.get("status"):
+                return True
+            body = {"metadata": {"resourceVersion": cr["metadata"]["resourceVersion"]}, "status": new_status}
+            try:
+                self.custom.patch_namespaced_custom_object_status(API_GROUP, API_VERSION, namespace, PLURAL, name, body)
+                return True
+            except ApiException as exc:
+                if exc.status == 409:
+                    continue
+                if exc.status == 404:
+                    return False
+                raise
+        log.warning("status of %s/%s: gave up after %d conflicts", namespace, name, attempts)
+        return False

@@ -1,0 +1,259 @@
+"""Child manifests of an InferenceDeployment: pure functions from spec to objects.
+
+The plan (these dicts) is computed here; applying it (server-side apply) lives
+in ``modelfleet.operator.apply``. Re-rendering the same inputs gives the same
+objects, so re-applying is a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from modelfleet.dataplane.spec import KIND, InferenceDeploymentSpec, RuntimeKind
+from modelfleet.operator.resources import names
+from modelfleet.operator.settings import OperatorSettings
+
+
+@dataclass(frozen=True)
+class PodPlacement:
+    """What placement decided, in the shape a pod template needs."""
+
+    gpu_resource: str | None = None  # "nvidia.com/gpu" / "amd.com/gpu"; None for CPU pods
+    gpus_per_replica: int = 0
+    node_affinity: dict[str, Any] | None = None
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    spread_topology_key: str | None = None  # replicas never share this topology domain
+
+
+@dataclass(frozen=True)
+class Owner:
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return names.owner_reference(self.name, self.uid)
+
+
+def engine_image(spec: InferenceDeploymentSpec, settings: OperatorSettings, placement: PodPlacement) -> str:
+    kind = spec.runtime.kind
+    if kind is RuntimeKind.TORCH:
+        image = "engine-torch-cuda" if placement.gpus_per_replica else "engine-torch-cpu"
+    elif kind is RuntimeKind.REMOTE:
+        image = "modelfleet"
+    else:
+        image = f"engine-{kind.value}"
+    return f"{settings.image_registry}/{image}:{settings.image_tag}"
+
+
+def config_map(owner: Owner, spec: InferenceDeploymentSpec) -> dict[str, Any]:
+    manifest = {
+        "apiVersion": "modelfleet.io/v1alpha1",
+        "kind": KIND,
+        "metadata": {"name": owner.name},
+        "spec": spec.to_wire(),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": names.metadata(owner.name, owner.namespace, owner.reference(), names.config_map_name(owner.name)),
+        "data": {names.CONFIG_FILE: yaml.safe_dump(manifest, sort_keys=True)},
+    }
+
+
+def _config_hash(cm: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(cm["data"], sort_keys=True).encode()).hexdigest()[:16]
+
+
+RESTRICTED = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": port},
+        "periodSeconds": period,
+        "timeoutSeconds": 3,
+        "failureThreshold": failures,
+    }
+
+
+def deployment(
+    owner: Owner, spec: InferenceDeploymentSpec, settings: OperatorSettings, placement: PodPlacement, cm: dict[str, Any]
+) -> dict[str, Any]:
+    name = owner.name
+    gpu = placement.gpus_per_replica
+    engine_resources: dict[str, Any] = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "8Gi"}}
+    if gpu and placement.gpu_resource:
+        engine_resources["requests"][placement.gpu_resource] = str(gpu)
+        engine_resources["limits"][placement.gpu_resource] = str(gpu)
+    engine = {
+        "name": "engine",
+        "image": engine_image(spec, settings, placement),
+        "imagePullPolicy": settings.image_pull_policy,
+        "args": [
+            "engine",
+            "-f",
+            f"{names.CONFIG_DIR}/{names.CONFIG_FILE}",
+            "--deployment",
+            name,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(names.ENGINE_PORT),
+        ],
+        "ports": [{"name": "engine", "containerPort": names.ENGINE_PORT, "protocol": "TCP"}],
+        "env": [
+            {"name": "MODELFLEET_CACHE", "value": "/cache"},
+            {"name": "HF_HUB_OFFLINE", "value": "1"},
+            {"name": "HOME", "value": "/tmp"},
+        ],
+        "resources": engine_resources,
+        # the engine answers /healthz at once and /readyz once weights are loaded
+        "startupProbe": _probe("/healthz", "engine", 5, 120),
+        "readinessProbe": _probe("/readyz", "engine", 5, 3),
+        "livenessProbe": _probe("/healthz", "engine", 10, 3),
+        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
+        "securityContext": RESTRICTED,
+        "volumeMounts": [
+            {"name": "config", "mountPath": names.CONFIG_DIR, "readOnly": True},
+            {"name": "cache", "mountPath": "/cache"},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    sidecar = {
+        "name": "sidecar",
+        "image": f"{settings.image_registry}/modelfleet:{settings.image_tag}",
+        "imagePullPolicy": settings.image_pull_policy,
+        "args": [
+            "sidecar",
+            "--deployment",
+            name,
+            "--peer",
+            f"http://127.0.0.1:{names.ENGINE_PORT}",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(names.SIDECAR_PORT),
+        ],
+        "ports": [{"name": "http", "containerPort": names.SIDECAR_PORT, "protocol": "TCP"}],
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+        "readinessProbe": _probe("/readyz", "http", 5, 3),
+        "livenessProbe": _probe("/healthz", "http", 10, 3),
+        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
+        "securityContext": RESTRICTED,
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    pod_spec: dict[str, Any] = {
+        "containers": [engine, sidecar],
+        "terminationGracePeriodSeconds": 60,
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "runAsGroup": 10001,
+            "fsGroup": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumes": [
+            {"name": "config", "configMap": {"name": names.config_map_name(name)}},
+            {"name": "cache", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "256Mi"}},
+        ],
+    }
+    if spec.placement.node_selector and gpu:
+        pod_spec["nodeSelector"] = dict(spec.placement.node_selector)
+    affinity: dict[str, Any] = {}
+    if placement.node_affinity:
+        affinity["nodeAffinity"] = placement.node_affinity
+    if placement.spread_topology_key:
+        affinity["podAntiAffinity"] = {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "labelSelector": {"matchLabels": names.selector_labels(name)},
+                    "topologyKey": placement.spread_topology_key,
+                }
+            ]
+        }
+    if affinity:
+        pod_spec["affinity"] = affinity
+    if placement.tolerations:
+        pod_spec["tolerations"] = placement.tolerations
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": names.metadata(name, owner.namespace, owner.reference(), name),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": names.selector_labels(name)},
+            # GPU nodes rarely have a spare GPU for a surge pod: replace in place
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 0 if gpu else 1, "maxUnavailable": 1},
+            },
+            "template": {
+                "metadata": {
+                    "labels": names.labels(name),
+                    "annotations": {"modelfleet.io/config-hash": _config_hash(cm)},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def services(owner: Owner) -> list[dict[str, Any]]:
+    name = owner.name
+    peers = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": names.metadata(name, owner.namespace, owner.reference(), names.peers_service_name(name)),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,  # sidecars see loading replicas and track their readiness themselves
+            "selector": names.selector_labels(name),
+            "ports": [{"name": "engine", "port": names.ENGINE_PORT, "targetPort": "engine", "protocol": "TCP"}],
+        },
+    }
+    front = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": names.metadata(name, owner.namespace, owner.reference(), names.service_name(name)),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": names.selector_labels(name),
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+    return [peers, front]
+
+
+def pod_disruption_budget(owner: Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": names.metadata(owner.name, owner.namespace, owner.reference(), owner.name),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": names.selector_labels(owner.name)}},
+    }
+
+
+def plan_children(
+    owner: Owner, spec: InferenceDeploymentSpec, settings: OperatorSettings, placement: PodPlacement
+) -> list[dict[str, Any]]:
+    """Every child object, in apply order (config before the pods that mount it)."""
+    cm = config_map(owner, spec)
+    return [cm, *services(owner), pod_disruption_budget(owner), deployment(owner, spec, settings, placement, cm)]
+
+
+def endpoint(owner: Owner, settings: OperatorSettings) -> str:
+    return f"http://{names.service_name(owner.name)}.{owner.namespace}.svc.{settings.cluster_domain}"

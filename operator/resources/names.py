@@ -1,0 +1,54 @@
+"""Names and labels of the objects an InferenceDeployment owns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from modelfleet.dataplane.spec import API_GROUP, API_VERSION, KIND
+
+ENGINE_PORT = 8001
+SIDECAR_PORT = 8000
+MANAGED_BY = "modelfleet-operator"
+DEPLOYMENT_LABEL = "modelfleet.io/deployment"
+CONFIG_FILE = "deployment.yaml"
+CONFIG_DIR = "/etc/modelfleet"
+
+
+def config_map_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def peers_service_name(name: str) -> str:
+    return f"{name}-peers"
+
+
+def service_name(name: str) -> str:
+    return name
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {DEPLOYMENT_LABEL: name}
+
+
+def labels(name: str) -> dict[str, str]:
+    return {
+        **selector_labels(name),
+        "app.kubernetes.io/name": "modelfleet-engine",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    }
+
+
+def owner_reference(name: str, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def metadata(name: str, namespace: str, owner: dict[str, Any], child: str) -> dict[str, Any]:
+    return {"name": child, "namespace": namespace, "labels": labels(name), "ownerReferences": [owner]}
