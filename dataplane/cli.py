@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("--verbose", action="store_true")
 
     gateway = sub.add_parser("gateway", help="run the OpenAI-compatible gateway")
-    gateway.add_argument("--routes", type=Path, required=True, help="routing table (JSON)")
+    source = gateway.add_mutually_exclusive_group(required=True)
+    source.add_argument("--routes", type=Path, help="routing table file (JSON; what `modelfleet up` writes)")
+    source.add_argument("--kubernetes", action="store_true", help="route to the InferenceDeployments of the cluster")
     _server_flags(gateway)
     return parser
 

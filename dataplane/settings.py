@@ -34,4 +34,5 @@ class SidecarSettings(_Base):
 
 
 class GatewaySettings(_Base):
-    routes: Path
+    routes: Path | None = None  # a routing table file (local mode); None: InferenceDeployments in the cluster
+    refresh_interval_s: float = Field(default=5.0, gt=0)

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -71,7 +71,8 @@ def _to_response(relayed: Relayed) -> Response:
     )
 
 
-def create_app(table: RoutingTable) -> FastAPI:
+def create_app(table: RoutingTable, refresher: Callable[[GatewayService], Coroutine[Any, Any, None]] | None = None) -> FastAPI:
+    """The gateway; ``refresher`` (cluster mode) keeps ``service.table`` current."""
     metrics = GatewayMetrics()
     service = GatewayService(table, metrics)
 
@@ -80,7 +81,12 @@ def create_app(table: RoutingTable) -> FastAPI:
         service.session = new_session()
         app.state.service = service
         app.state.metrics = metrics
+        task = asyncio.create_task(refresher(service)) if refresher else None
         yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await service.session.close()
 
     app = FastAPI(title="ModelFleet gateway", version="0.1.0", lifespan=lifespan)
