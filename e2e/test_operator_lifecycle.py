@@ -1,0 +1,125 @@
+"""Operator processes coming and going: a kill mid-reconcile converges without
+duplicates, and of two operators exactly one acts (kopf peering)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from e2e.cluster import ControlPlane
+from e2e.operator_process import start_operator
+
+pytestmark = pytest.mark.k8s
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = {
+    "model": {"name": "m", "source": {"path": "/models/m"}},
+    "runtime": {"kind": "torch", "device": "cpu"},
+    "replicas": 1,
+}
+
+
+def cr(name: str) -> dict:
+    return {
+        "apiVersion": "modelfleet.io/v1alpha1",
+        "kind": "InferenceDeployment",
+        "metadata": {"name": name},
+        "spec": SPEC,
+    }
+
+
+@pytest.fixture
+def peering(crd: ControlPlane) -> ControlPlane:
+    crd.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "kopf-peerings.yaml"))
+    crd.kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev", "--timeout=60s")
+    return crd
+
+
+def children(k8s: ControlPlane, ns: str) -> list[str]:
+    return sorted(
+        k8s.kubectl(
+            "get", "deploy,svc,cm,pdb", "-n", ns, "-l", "app.kubernetes.io/managed-by=modelfleet-operator", "-o", "name"
+        ).stdout.split()
+    )
+
+
+def test_killed_mid_reconcile_then_restarted_converges_without_duplicates(peering, gpu_nodes, namespace, tmp_path):
+    k8s = peering
+    names = [f"d{i}" for i in range(12)]
+    first = start_operator(k8s, tmp_path / "op1.log", env={"MODELFLEET_OPERATOR_PRIORITY": "100"})
+    try:
+        first.wait_for_log("peering", 60)
+        k8s.kubectl(
+            "apply",
+            "-n",
+            namespace,
+            "-f",
+            "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [cr(n) for n in names]}),
+        )
+        # kill -9 as soon as the first deployments appear: the rest are mid-flight
+        k8s.wait_for("first children", lambda: len(children(k8s, namespace)) >= 1, 60, interval=0.05)
+        first.stop(signal.SIGKILL)
+        partial = len(children(k8s, namespace))
+    finally:
+        first.stop(signal.SIGKILL)
+    second = start_operator(k8s, tmp_path / "op2.log", env={"MODELFLEET_OPERATOR_PRIORITY": "100"})
+    try:
+        expected = sorted(
+            f"{kind}/{n}{suffix}"
+            for n in names
+            for kind, suffix in [("deployment.apps", ""), ("service", ""), ("service", "-peers"), ("configmap", "-config"), ("poddisruptionbudget.policy", "")]
+        )  # fmt: skip
+        k8s.wait_for("all children after restart", lambda: children(k8s, namespace) == expected, 120)
+        # settled: nothing is written again
+        versions = {
+            d["metadata"]["name"]: d["metadata"]["generation"] for d in k8s.get_json("deploy", "-n", namespace)["items"]
+        }
+        time.sleep(3)
+        again = {
+            d["metadata"]["name"]: d["metadata"]["generation"] for d in k8s.get_json("deploy", "-n", namespace)["items"]
+        }
+        assert again == versions
+        phases = {
+            i["metadata"]["name"]: i.get("status", {}).get("phase")
+            for i in k8s.get_json("infd", "-n", namespace)["items"]
+        }
+        assert all(p in {"Progressing", "Available"} for p in phases.values()), phases
+    finally:
+        second.stop()
+    print(f"children before the kill: {partial} of {len(expected)}")
+
+
+def test_of_two_operators_exactly_one_acts_and_the_other_takes_over(peering, gpu_nodes, namespace, tmp_path):
+    k8s = peering
+    high = start_operator(k8s, tmp_path / "high.log", env={"MODELFLEET_OPERATOR_PRIORITY": "20"})
+    low = start_operator(k8s, tmp_path / "low.log", env={"MODELFLEET_OPERATOR_PRIORITY": "10"})
+    try:
+        high.wait_for_log("Initial authentication has finished", 60)
+        low.wait_for_log("Initial authentication has finished", 60)
+        k8s.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(cr("one")))
+        k8s.wait_for(
+            "children of one",
+            lambda: k8s.kubectl("get", "deploy/one", "-n", namespace, check=False).returncode == 0,
+            60,
+        )
+        time.sleep(2)
+        assert "Creation is processed" in high.output()
+        assert "Creation is processed" not in low.output()
+        high.stop()  # graceful exit withdraws its peering record
+        low.wait_for_log("Resuming", 60)
+        k8s.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(cr("two")))
+        k8s.wait_for(
+            "children of two",
+            lambda: k8s.kubectl("get", "deploy/two", "-n", namespace, check=False).returncode == 0,
+            60,
+        )
+        low.wait_for_log("Creation is processed", 30)
+    finally:
+        high.stop()
+        low.stop()
+        print("--- high ---\n" + high.output()[-3000:] + "\n--- low ---\n" + low.output()[-3000:])
