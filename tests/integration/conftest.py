@@ -56,7 +56,9 @@ def alive(pid: int) -> bool:
 
 
 def port_is_free(port: int) -> bool:
+    """Nothing listens on the port (connections left in TIME_WAIT do not count)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
