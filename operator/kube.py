@@ -59,6 +59,36 @@ class Kube:
         result: dict[str, Any] = out.to_dict()
         return result
 
+    def event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event on ``obj`` (shown by `kubectl describe`); failures are logged, not raised."""
+        meta = obj["metadata"]
+        now = st.now_rfc3339()
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion", f"{API_GROUP}/{API_VERSION}"),
+                "kind": obj.get("kind", "InferenceDeployment"),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": self.field_manager},
+            "reportingComponent": self.field_manager,
+            "reportingInstance": self.field_manager,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], body)  # type: ignore[arg-type]
+        except ApiException as exc:
+            log.warning("could not post event %s on %s: %s", reason, meta["name"], exc.reason)
+
     def ensure_peering(self, name: str, namespace: str | None) -> None:
         """Create kopf's peering object (cluster-wide, or in the watched namespace) unless it exists."""
         body = {"apiVersion": "kopf.dev/v1", "metadata": {"name": name}}
@@ -128,22 +158,33 @@ class Kube:
             raise
 
     def write_status(
-        self, namespace: str, name: str, fields: Mapping[str, Any], conditions: list[dict[str, Any]], attempts: int = 5
+        self,
+        namespace: str,
+        name: str,
+        fields: Mapping[str, Any] | Callable[[Mapping[str, Any]], tuple[Mapping[str, Any], list[dict[str, Any]]]],
+        conditions: list[dict[str, Any]] | None = None,
+        attempts: int = 5,
+        seen: Mapping[str, Any] | None = None,
     ) -> bool:
-        """Merge ``fields`` and ``conditions`` into the CR status, with optimistic concurrency.
+        """Merge status fields and conditions into the CR, with optimistic concurrency.
 
-        Reads the current status, merges conditions by type, and writes with the
-        read resourceVersion; a conflict (another writer got there first) retries.
+        ``fields`` is either the fields to set, or a function of the current
+        object returning ``(fields, conditions)``. One read per attempt: the
+        write carries the read resourceVersion, and a conflict (another writer
+        got there first) reads and merges again. Nothing is written when the
+        status would not change. ``seen`` (the object as a watch last saw it)
+        saves the first read.
         """
-        for _ in range(attempts):
-            cr = self.get_cr(namespace, name)
+        for attempt in range(attempts):
+            cr = dict(seen) if attempt == 0 and seen is not None else self.get_cr(namespace, name)
             if cr is None:
                 return False
-            old = (cr.get("status") or {}).get("conditions") or []
-            merged = st.merge_conditions(old, conditions, st.now_rfc3339())
-            new_status = {**(cr.get("status") or {}), **fields, "conditions": merged}
+            new_fields, new_conditions = fields(cr) if callable(fields) else (fields, conditions or [])
+            current = cr.get("status") or {}
+            merged = st.merge_conditions(current.get("conditions") or [], new_conditions, st.now_rfc3339())
+            new_status = {**current, **new_fields, "conditions": merged}
             new_status["phase"] = st.phase(merged).value
-            if new_status == cr.get("status"):
+            if new_status == current:
                 return True
             body = {"metadata": {"resourceVersion": cr["metadata"]["resourceVersion"]}, "status": new_status}
             try:

@@ -8,11 +8,12 @@ free, and decides the same), and turns a plan into what a pod template needs.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from modelfleet.dataplane.spec import InferenceDeploymentSpec, PlacementStatus
 from modelfleet.operator.inventory import gpu_nodes
-from modelfleet.operator.kube import Kube
 from modelfleet.operator.model_size import estimate_for
 from modelfleet.operator.placement import PlacementFailure, plan_placement
 from modelfleet.operator.resources import names
@@ -31,11 +32,16 @@ class Unplaceable:
     message: str
 
 
-def place(kube: Kube, owner: Owner, spec: InferenceDeploymentSpec) -> Placed | Unplaceable:
+def place(
+    owner: Owner,
+    spec: InferenceDeploymentSpec,
+    nodes: Iterable[Mapping[str, Any]],
+    pods: Iterable[Mapping[str, Any]],
+) -> Placed | Unplaceable:
+    """Decide from the operator's watched view of Nodes and (non-terminated, bound) Pods."""
     if not spec.needs_gpu():
         plan = plan_placement(spec, [], None)
     else:
-        nodes, pods = kube.nodes_and_pods()
         others = [
             p
             for p in pods

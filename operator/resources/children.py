@@ -250,9 +250,10 @@ def pod_disruption_budget(owner: Owner) -> dict[str, Any]:
 def plan_children(
     owner: Owner, spec: InferenceDeploymentSpec, settings: OperatorSettings, placement: PodPlacement
 ) -> list[dict[str, Any]]:
-    """Every child object, in apply order (config before the pods that mount it)."""
+    """Every child object, in apply order: the config the pods mount, then the pods'
+    Deployment (the slow part to come up), then what only routes to them."""
     cm = config_map(owner, spec)
-    return [cm, *services(owner), pod_disruption_budget(owner), deployment(owner, spec, settings, placement, cm)]
+    return [cm, deployment(owner, spec, settings, placement, cm), *services(owner), pod_disruption_budget(owner)]
 
 
 def endpoint(owner: Owner, settings: OperatorSettings) -> str:
