@@ -71,7 +71,9 @@ def _to_response(relayed: Relayed) -> Response:
     )
 
 
-def create_app(table: RoutingTable, refresher: Callable[[GatewayService], Coroutine[Any, Any, None]] | None = None) -> FastAPI:
+def create_app(
+    table: RoutingTable, refresher: Callable[[GatewayService], Coroutine[Any, Any, None]] | None = None
+) -> FastAPI:
     """The gateway; ``refresher`` (cluster mode) keeps ``service.table`` current."""
     metrics = GatewayMetrics()
     service = GatewayService(table, metrics)
