@@ -114,6 +114,8 @@ def test_children_owner_references_and_status(k8s, operator, namespace):
         return "Placed" in {e["reason"] for e in json.loads(events.stdout)["items"]}
 
     k8s.wait_for("Placed event", placed_event, 30)
+    described = k8s.kubectl("describe", "infd", "chat", "-n", namespace).stdout
+    assert "Placed" in described and "children applied" in described  # the events, as a person sees them
 
 
 def test_scale_subresource_and_rolling_update(k8s, operator, namespace):

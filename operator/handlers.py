@@ -265,8 +265,11 @@ async def gather_metrics(
                 ip = (pod.get("status") or {}).get("podIP")
                 if not ip:
                     continue
+                url = cfg.metrics_url_template.format(
+                    pod_ip=ip, port=names.ENGINE_PORT, pod_name=pod["metadata"]["name"], namespace=namespace
+                )
                 try:
-                    async with session.get(f"http://{ip}:{names.ENGINE_PORT}/metrics") as resp:
+                    async with session.get(url) as resp:
                         current[pod["metadata"]["name"]] = metrics_snapshot.parse(await resp.text())
                 except (aiohttp.ClientError, TimeoutError):
                     logger.debug("metrics of pod %s unreachable", pod["metadata"]["name"])

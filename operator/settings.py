@@ -25,6 +25,10 @@ class OperatorSettings(BaseSettings):
     metrics_interval_s: float = Field(
         default=30.0, ge=0, description="How often pods' /metrics are gathered; 0 turns it off"
     )
+    metrics_url_template: str = Field(
+        default="http://{pod_ip}:{port}/metrics",
+        description="Where a pod's engine metrics are read; fields: pod_ip, port, pod_name, namespace",
+    )
     cluster_domain: str = "cluster.local"
     field_manager: str = "modelfleet-operator"
     health_port: int = Field(
