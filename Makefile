@@ -43,8 +43,13 @@ integration: venv-test ## integration tests (real servers on loopback, the real 
 k8s: ## build or install the test control plane into the cache (kube-apiserver, etcd, ...)
 	@scripts/k8s-install.sh
 
-e2e: venv-test k8s ## cluster end to end against the test control plane (or KUBECONFIG)
-	$(PY) -m pytest e2e $(PYTEST_ARGS)
+# `make e2e KUBECONFIG=path` runs the same scenarios against that cluster; a
+# KUBECONFIG merely present in the environment never redirects the tests.
+ifeq ($(origin KUBECONFIG),command line)
+E2E_ENV := MODELFLEET_E2E_KUBECONFIG=$(KUBECONFIG)
+endif
+e2e: venv-test k8s ## cluster end to end against the test control plane (or: make e2e KUBECONFIG=path)
+	$(E2E_ENV) $(PY) -m pytest e2e $(PYTEST_ARGS)
 
 bench: venv-test ## run the benchmarks (prints tables; record results in bench/RESULTS.md)
 	$(PY) bench/decode_throughput.py

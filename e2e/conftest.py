@@ -8,6 +8,7 @@ installs them (`make k8s`); nothing is skipped.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from e2e.cluster import ControlPlane
+from e2e.external import ExternalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_FILE = ROOT / "crds" / "inferencedeployments.modelfleet.io.yaml"
@@ -22,7 +24,11 @@ CRD_FILE = ROOT / "crds" / "inferencedeployments.modelfleet.io.yaml"
 
 @pytest.fixture(scope="session")
 def k8s() -> Iterator[ControlPlane]:
-    cp = ControlPlane(controller_manager=True, scheduler=True, kwok=True)
+    """The local control plane, or the cluster of MODELFLEET_E2E_KUBECONFIG (`make e2e KUBECONFIG=...`)."""
+    external = os.environ.get("MODELFLEET_E2E_KUBECONFIG")
+    cp: ControlPlane = (
+        ExternalCluster(external) if external else ControlPlane(controller_manager=True, scheduler=True, kwok=True)
+    )
     cp.start()
     try:
         yield cp
@@ -95,5 +101,5 @@ def gpu_nodes(k8s: ControlPlane) -> list[str]:
         }
         return set(names) <= ready
 
-    k8s.wait_for("fake nodes Ready", all_ready, 90)
+    k8s.wait_for("fake nodes Ready (an external cluster needs kwok running for them)", all_ready, 90)
     return names
