@@ -243,6 +243,14 @@ class Toleration(SpecModel):
         Field(description="Taint effect to tolerate; empty tolerates every effect."),
     ] = None
 
+    @model_validator(mode="after")
+    def _kubernetes_rules(self) -> Self:
+        if self.operator == "Equal" and not self.key:
+            raise ValueError("operator Equal needs a key (use operator Exists to tolerate every taint)")
+        if self.operator == "Exists" and self.value:
+            raise ValueError("operator Exists takes no value")
+        return self
+
 
 class ModelSize(SpecModel):
     """Size facts used to estimate memory when the weights cannot be read by the operator."""
@@ -262,18 +270,29 @@ class PlacementSpec(SpecModel):
         Field(
             max_length=32,
             description="Allowed GPU products, matched case-insensitively as substrings of the node label "
-            "nvidia.com/gpu.product (for example H100, A100-SXM4-80GB, L4). Empty allows any.",
+            "nvidia.com/gpu.product (for example H100, A100-SXM4-80GB); a short name matches longer ones "
+            "(L4 also matches L40S, A10 matches A100), so give enough of the label. Empty allows any.",
         ),
     ] = []
-    min_gpu_memory_gib: Annotated[int | None, Field(ge=1, le=4096, description="Minimum memory of each GPU, GiB.")] = (
-        None
-    )
+    min_gpu_memory_gib: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=4096,
+            description="Minimum memory of each GPU, GiB (7% below nominal is accepted: drivers report an 80 GB card as 79.6 GiB).",
+        ),
+    ] = None
     gpus_per_replica: Annotated[
         int | None,
         Field(ge=1, le=64, description="GPUs per replica (tensor-parallel size). Default: estimated from the model."),
     ] = None
     max_gpus_per_replica: Annotated[
-        int, Field(ge=1, le=64, description="Upper bound for the estimated GPUs per replica.")
+        int,
+        Field(
+            ge=1,
+            le=64,
+            description="Upper bound for the estimated GPUs per replica; estimates are powers of two, so 6 acts as 4.",
+        ),
     ] = 8
     strategy: Annotated[PlacementStrategy, Field(description="BinPack (default) or Spread.")] = (
         PlacementStrategy.BIN_PACK

@@ -73,6 +73,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "spec.placement.tolerations[0].operator",
     ),
     ("bad vendor", manifest(placement={"gpuVendor": "intel"}), "spec.placement.gpuVendor"),
+    (
+        "toleration Equal without key",
+        manifest(placement={"tolerations": [{"value": "x"}]}),
+        "spec.placement.tolerations[0]",
+    ),
 ]
 
 VALID: list[tuple[str, dict[str, Any]]] = [

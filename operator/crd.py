@@ -66,6 +66,16 @@ SPEC_RULES: dict[str, list[dict[str, str]]] = {
         }
     ],
 }
+SPEC_RULES["placement.tolerations[]"] = [
+    {
+        "rule": "self.operator == 'Exists' || (has(self.key) && self.key != '')",
+        "message": "operator Equal needs a key (use operator Exists to tolerate every taint)",
+    },
+    {
+        "rule": "self.operator != 'Exists' || !has(self.value) || self.value == ''",
+        "message": "operator Exists takes no value",
+    },
+]
 # Lists whose items must be unique.
 SET_LISTS = {"model.aliases", "placement.gpuTypes"}
 
