@@ -40,6 +40,7 @@ Two steps, both usable without a cluster:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -210,7 +211,18 @@ def read_path_facts(path: Path) -> tuple[HeaderFacts, str] | str:
 
 
 def gguf_facts(path: Path) -> HeaderFacts:
-    """Facts from GGUF metadata and tensor shapes (no tensor data is read)."""
+    """Facts from GGUF metadata and tensor shapes (no tensor data is read).
+
+    Reading a GGUF header decodes its tokenizer arrays too (about 2 s for
+    SmolLM2), so results are cached per file version: reconciles after the
+    first cost nothing.
+    """
+    st = path.stat()
+    return _gguf_facts_cached(path.resolve(), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _gguf_facts_cached(path: Path, size: int, mtime_ns: int) -> HeaderFacts:
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
