@@ -145,8 +145,8 @@ def start_stack(deployments: list[InferenceDeployment], manifest: Path, host: st
     return stack, gateway
 
 
-def wait_until_ready(stack: Stack, gateway: Child, out: TextIO, timeout: float) -> None:
-    """Poll every child's /readyz, echoing load progress, until all answer 200."""
+def wait_until_ready(stack: Stack, out: TextIO, timeout: float) -> None:
+    """Poll every child's /readyz until all answer 200, echoing each engine's load progress."""
     deadline = time.monotonic() + timeout
     shown: dict[str, str] = {}
     pending = list(stack.children)
@@ -161,20 +161,19 @@ def wait_until_ready(stack: Stack, gateway: Child, out: TextIO, timeout: float) 
         still = []
         for child in pending:
             status, body = _get_json(child.url + "/readyz")
-            progress = str(body.get("progress") or body.get("status") or "starting")
             if body.get("status") == "failed":
-                raise LaunchError(f"{child.name} failed: {progress}")
-            if status == 200 and child.name.split("/")[-1].startswith("engine"):
-                progress = "ready"
+                raise LaunchError(f"{child.name} failed: {body.get('progress')}")
             if status == 200:
-                if shown.get(child.name) != "ready":
-                    print(f"  {child.name}: ready", file=out, flush=True)
-                shown[child.name] = "ready"
-                continue
-            if status and shown.get(child.name) != progress and "engine" in child.name:
+                progress = "ready"
+            elif status and "engine" in child.name:
+                progress = str(body.get("progress") or body.get("status") or "starting")
+            else:
+                progress = ""
+            if progress and shown.get(child.name) != progress:
                 print(f"  {child.name}: {progress}", file=out, flush=True)
                 shown[child.name] = progress
-            still.append(child)
+            if status != 200:
+                still.append(child)
         pending = still
         if pending:
             time.sleep(0.3)
@@ -183,18 +182,15 @@ def wait_until_ready(stack: Stack, gateway: Child, out: TextIO, timeout: float) 
 def up(manifest: Path, host: str, port: int, out: TextIO = sys.stdout, ready_timeout: float = 600.0) -> int:
     deployments = load_manifests(manifest)
     check_port_free(host, port)
-    stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt  # SIGTERM stops the stack the way Ctrl-C does
 
     signal.signal(signal.SIGTERM, on_signal)
     print(f"modelfleet up: {manifest} ({', '.join(d.metadata.name for d in deployments)})", file=out, flush=True)
     stack, gateway = start_stack(deployments, manifest, host, port)
     try:
-        wait_until_ready(stack, gateway, out, ready_timeout)
+        wait_until_ready(stack, out, ready_timeout)
         models = ", ".join(m for d in deployments for m in d.spec.served_names())
         print(f"\nReady: {gateway.url}/v1  (models: {models})", file=out)
         print(

@@ -100,7 +100,7 @@ class TorchRunner:
         self._dtype_choice = dtype
         self._device_choice = device
         self.device = "cpu"
-        self.progress = "not loaded"
+        self.progress = "starting"
         self.model: Any = None
         self.codec: TorchCodec | None = None
         self.eos_token_ids: frozenset[int] = frozenset()
