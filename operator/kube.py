@@ -123,28 +123,11 @@ class Kube:
         resp = call(*args, _preload_content=False, **kw)
         return json.loads(resp.data)
 
-    def nodes_and_pods(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        nodes = self._raw(self.core.list_node)["items"]
-        pods = self._raw(
-            self.core.list_pod_for_all_namespaces,
-            field_selector="status.phase!=Succeeded,status.phase!=Failed",
-        )["items"]
-        return nodes, pods
-
     def pods_of(self, namespace: str, name: str) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = self._raw(
             self.core.list_namespaced_pod, namespace, label_selector=f"{names.DEPLOYMENT_LABEL}={name}"
         )["items"]
         return items
-
-    def deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            result: dict[str, Any] = self._raw(self.apps.read_namespaced_deployment, name, namespace)
-            return result
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
 
     def get_cr(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
