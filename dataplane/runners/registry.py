@@ -16,5 +16,10 @@ def create_runner(spec: InferenceDeploymentSpec) -> ModelRunner:
             raise RunnerError(
                 f"runtime torch needs the torch extra: pip install 'modelfleet[torch]' ({exc.name} missing)"
             ) from None
-        return TorchRunner(dtype=spec.model.dtype, device=spec.runtime.device)
+        return TorchRunner(
+            dtype=spec.model.dtype,
+            device=spec.runtime.device,
+            kv_blocks=spec.engine.kv_blocks(),
+            kv_block_size=spec.engine.kv_block_size,
+        )
     raise RunnerError(f"runtime {kind.value!r} is not available in this version of ModelFleet yet")

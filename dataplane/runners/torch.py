@@ -11,6 +11,7 @@ to the asyncio side through thread-safe queues.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import threading
@@ -35,6 +36,7 @@ from modelfleet.dataplane.runners.base import (
     WeightSource,
 )
 from modelfleet.dataplane.runners.decoding import IncrementalDetokenizer, StopChecker, sample_next
+from modelfleet.dataplane.runners.llama_paged import PagedLlama
 from modelfleet.dataplane.runners.weights import resolve_hf_dir
 from modelfleet.dataplane.spec import Device, DType, InferenceDeploymentSpec
 
@@ -70,7 +72,9 @@ class _Sequence:
     detok: IncrementalDetokenizer
     stop: StopChecker
     generator: torch.Generator | None
-    cache: Any = None
+    seq_id: int = 0
+    cache: Any = None  # per-sequence transformers cache (models without a paged forward)
+    blocks: int = 0  # paged-KV blocks reserved for prompt + max_tokens
     generated: list[int] = field(default_factory=list)
     aborted: bool = False
 
@@ -96,9 +100,16 @@ class TorchRunner:
     transport_kind = TransportKind.IN_PROCESS
     gil_pinned = True
 
-    def __init__(self, *, dtype: DType = DType.AUTO, device: Device = Device.AUTO) -> None:
+    def __init__(
+        self, *, dtype: DType = DType.AUTO, device: Device = Device.AUTO, kv_blocks: int = 256, kv_block_size: int = 16
+    ) -> None:
         self._dtype_choice = dtype
         self._device_choice = device
+        self._kv_blocks = kv_blocks
+        self._kv_block_size = kv_block_size
+        self.paged: PagedLlama | None = None
+        self._reserved = 0
+        self._seq_ids = itertools.count(1)
         self.device = "cpu"
         self.progress = "starting"
         self.model: Any = None
@@ -150,6 +161,18 @@ class TorchRunner:
             eos.add(int(tokenizer.eos_token_id))
         self.eos_token_ids = frozenset(eos)
         self.max_position_embeddings = getattr(model.config, "max_position_embeddings", None)
+        self.paged = None
+        self._reserved = 0
+        if getattr(model.config, "model_type", "") == "llama":
+            self.paged = PagedLlama(model, num_blocks=self._kv_blocks, block_size=self._kv_block_size)
+            log.info(
+                "paged KV cache: %d blocks of %d tokens (%.0f MiB); decode is batched",
+                self._kv_blocks,
+                self._kv_block_size,
+                self._kv_blocks * self._kv_block_size * self.paged.cache.bytes_per_token() / 2**20,
+            )
+        else:
+            log.info("no paged forward for model type %r: one cache per sequence, unbatched", model.config.model_type)
         self.model = model
         self.codec = TorchCodec(tokenizer)
         self._set_progress(f"ready (loaded in {time.monotonic() - started:.1f} s)")
@@ -254,43 +277,111 @@ class TorchRunner:
                 generator.manual_seed(req.sampling.seed)
             else:
                 generator.seed()
+        blocks = 0
+        if self.paged is not None:
+            blocks = self.paged.cache.blocks_needed(len(req.prompt_token_ids) + req.sampling.max_tokens)
         return _Sequence(
             request=req,
             sink=sink,
             detok=IncrementalDetokenizer(self.codec.tokenizer),
             stop=StopChecker(req.sampling.stop),
             generator=generator,
+            seq_id=next(self._seq_ids),
+            blocks=blocks,
         )
 
     # ---- the worker thread -----------------------------------------------
+
+    def _admit(self) -> tuple[list[_Sequence], list[_Sequence]]:
+        """Under the lock: move pending sequences whose KV blocks fit into the running set.
+
+        Blocks for prompt + max_tokens are reserved at admission, so a running
+        sequence never runs out of cache. A sequence that does not fit waits
+        without holding back smaller ones behind it; one that could never fit
+        fails at once.
+        """
+        joining: list[_Sequence] = []
+        impossible: list[_Sequence] = []
+        waiting: list[_Sequence] = []
+        total = self.paged.cache.num_blocks if self.paged is not None else 0
+        for seq in self._pending:
+            if self.paged is None:
+                joining.append(seq)
+            elif seq.blocks > total:
+                impossible.append(seq)
+            elif seq.aborted or self._reserved + seq.blocks <= total:
+                self._reserved += seq.blocks
+                joining.append(seq)
+            else:
+                waiting.append(seq)
+        self._pending = waiting
+        for seq in joining:
+            self._active[seq.request.request_id] = seq
+        return joining, impossible
 
     def _step_loop(self) -> None:
         torch.set_grad_enabled(False)
         while True:
             with self._cond:
-                while not self._stopping and not self._pending and not self._active:
+                while not self._stopping and not self._active and not self._pending:
                     self._cond.wait()
                 if self._stopping:
                     return
-                joining, self._pending = self._pending, []
-                for seq in joining:
-                    self._active[seq.request.request_id] = seq
-                running = list(self._active.values())
-            for seq in running:
+                joining, impossible = self._admit()
+                running = [s for s in self._active.values() if s not in joining]
+                if not joining and not running:  # everything waits for blocks held by no one: wait for a change
+                    self._cond.wait(0.05)
+                    continue
+            for seq in impossible:
+                seq.sink(RunnerError(f"needs {seq.blocks} KV blocks; this replica has {self._kv_blocks} in all"))
+            for seq in [*running, *joining]:
                 if seq.aborted:
                     self._finish(seq, FinishReason.ABORT, "")
-                    continue
-                try:
-                    with torch.inference_mode():
-                        token = self._next_token(seq)
-                except Exception as exc:  # a device fault: report it on this sequence, keep serving others
-                    log.exception("step failed for %s", seq.request.request_id)
-                    self._drop(seq)
-                    seq.sink(RunnerError(f"model step failed: {type(exc).__name__}"))
-                    continue
-                self._advance(seq, token)
+            if self.paged is None:
+                for seq in [*running, *joining]:
+                    if seq.request.request_id in self._active:
+                        self._step_one(seq)
+                continue
+            for seq in joining:  # prefill newcomers one by one
+                if seq.request.request_id in self._active:
+                    self._step_one(seq)
+            batch = [s for s in running if s.request.request_id in self._active]
+            if batch:
+                self._decode_batch(batch)
+
+    def _step_one(self, seq: _Sequence) -> None:
+        try:
+            with torch.inference_mode():
+                token = self._next_token(seq)
+        except Exception as exc:  # a device fault: report it on this sequence, keep serving others
+            log.exception("step failed for %s", seq.request.request_id)
+            self._drop(seq)
+            seq.sink(RunnerError(f"model step failed: {type(exc).__name__}"))
+            return
+        self._advance(seq, token)
+
+    def _decode_batch(self, batch: list[_Sequence]) -> None:
+        assert self.paged is not None
+        try:
+            with torch.inference_mode():
+                logits = self.paged.decode([s.seq_id for s in batch], [s.generated[-1] for s in batch])
+                tokens = [
+                    sample_next(logits[i].float(), seq.request.sampling, seq.generator) for i, seq in enumerate(batch)
+                ]
+        except Exception as exc:
+            log.exception("batched decode step failed for %d sequences", len(batch))
+            for seq in batch:
+                self._drop(seq)
+                seq.sink(RunnerError(f"model step failed: {type(exc).__name__}"))
+            return
+        for seq, token in zip(batch, tokens, strict=True):
+            self._advance(seq, token)
 
     def _next_token(self, seq: _Sequence) -> int:
+        """Prefill (paged or not), or one unbatched decode step for models without a paged forward."""
+        if self.paged is not None:
+            logits = self.paged.prefill(seq.seq_id, list(seq.request.prompt_token_ids))
+            return sample_next(logits.float(), seq.request.sampling, seq.generator)
         from transformers import DynamicCache
 
         if seq.cache is None:
@@ -333,5 +424,9 @@ class TorchRunner:
 
     def _drop(self, seq: _Sequence) -> None:
         with self._cond:
-            self._active.pop(seq.request.request_id, None)
+            if self._active.pop(seq.request.request_id, None) is not None and self.paged is not None:
+                if seq.seq_id in self.paged.cache:
+                    self.paged.free(seq.seq_id)
+                self._reserved -= seq.blocks
+            self._cond.notify_all()
         seq.cache = None
