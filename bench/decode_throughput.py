@@ -25,20 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.prompts import PROMPTS  # noqa: E402
 from modelfleet.dataplane.manifest import load_manifests  # noqa: E402
 from modelfleet.dataplane.runners.base import ExecuteBatch, SamplingParams, SequenceRequest  # noqa: E402
 
 MANIFEST = ROOT / "examples" / "smollm2-local.yaml"
-PROMPTS = [
-    "Write a long story about a dragon who learns to cook.",
-    "Explain how a steam engine works, step by step.",
-    "List the planets of the solar system and describe each one.",
-    "Describe a walk through a busy market in the morning.",
-    "Write a letter to a friend about your summer holiday.",
-    "Explain why the sky is blue to a ten year old.",
-    "Tell the history of the bicycle.",
-    "Describe how bread is made, from wheat to loaf.",
-]
 
 
 async def one_in_process(runner, codec, i: int, tokens: int) -> tuple[int, float, float]:

