@@ -85,7 +85,9 @@ def test_status_metrics_come_from_the_pods(crd, gpu_nodes, namespace, tmp_path):
         def metrics() -> dict | None:
             status = crd.get_json("infd", "busy", "-n", namespace).get("status", {})
             snap = status.get("metrics") or {}
-            return snap if snap.get("tokensPerSecond", 0) > 0 and len(engines.by_pod) == 2 else None
+            # other tests' deployments may still be finishing in this cluster: count this one's pods only
+            busy_pods = [p for p in engines.by_pod if p.startswith("busy-")]
+            return snap if snap.get("tokensPerSecond", 0) > 0 and len(busy_pods) == 2 else None
 
         snap = crd.wait_for("status.metrics from both pods", metrics, 90)
         # two pods, each +100 tokens and +6 requests per ~1 s scrape interval
