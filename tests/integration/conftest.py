@@ -116,7 +116,7 @@ def stop_stack(stack: Stack, timeout: float = 30) -> set[int]:
     return before
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped before the e2e tests start: they want the cores
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = start_stack(MANIFEST, tmp_path_factory.mktemp("stack"))
     yield s
