@@ -17,7 +17,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -34,13 +33,6 @@ from modelfleet.operator.settings import OperatorSettings
 
 FINALIZER = "modelfleet.io/finalizer"
 CHILD_FILTER = {"app.kubernetes.io/managed-by": names.MANAGED_BY}
-
-
-@dataclass
-class Applied:
-    """What the operator last wrote to a child: its generation (or resourceVersion)."""
-
-    version: str
 
 
 def _load_api() -> k8s_client.ApiClient:

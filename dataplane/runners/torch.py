@@ -115,7 +115,6 @@ class TorchRunner:
         self.model: Any = None
         self.codec: TorchCodec | None = None
         self.eos_token_ids: frozenset[int] = frozenset()
-        self.max_position_embeddings: int | None = None
         self._pending: list[_Sequence] = []
         self._active: dict[str, _Sequence] = {}
         self._cond = threading.Condition()
@@ -160,7 +159,6 @@ class TorchRunner:
         if tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
         self.eos_token_ids = frozenset(eos)
-        self.max_position_embeddings = getattr(model.config, "max_position_embeddings", None)
         self.paged = None
         self._reserved = 0
         if getattr(model.config, "model_type", "") == "llama":

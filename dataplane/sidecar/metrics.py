@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from modelfleet.dataplane.engine.metrics import LATENCY_BUCKETS as LATENCY_BUCKETS
-
 
 class SidecarMetrics:
     def __init__(self) -> None:

@@ -21,7 +21,6 @@ class Peer:
     url: str
     outstanding: int = 0
     healthy: bool = True
-    consecutive_failures: int = 0
 
 
 class RoutingPolicyName(StrEnum):

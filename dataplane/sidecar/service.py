@@ -68,7 +68,6 @@ class Coordinator:
         elif not ok and peer.healthy:
             log.warning("replica %s is not ready; ejected", peer.url)
         peer.healthy = ok
-        peer.consecutive_failures = 0 if ok else peer.consecutive_failures + 1
 
     async def forward(self, path: str, body: bytes, headers: dict[str, str]) -> Attempt:
         """Open a response from some replica. The caller calls ``end(url)`` when done."""
