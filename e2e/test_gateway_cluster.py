@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,13 +11,9 @@ import time
 import httpx
 import pytest
 
+from e2e.cluster import free_port
+
 pytestmark = pytest.mark.k8s
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_gateway_routes_from_the_cluster(crd, namespace, tmp_path):

@@ -9,20 +9,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import openai
 import pytest
 
+from modelfleet.dataplane.launcher import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = Path(__file__).with_name("manifests.yaml")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def descendants(pid: int) -> set[int]:
@@ -71,13 +67,17 @@ class Stack:
     proc: subprocess.Popen[str]
     port: int
     log: Path
+    clients: list[openai.OpenAI] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def client(self, **kw: object) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url + "/v1", api_key="unused", max_retries=0, **kw)  # type: ignore[arg-type]
+        """An openai client for this stack; closed (with its pooled sockets) when the stack stops."""
+        client = openai.OpenAI(base_url=self.base_url + "/v1", api_key="unused", max_retries=0, **kw)  # type: ignore[arg-type]
+        self.clients.append(client)
+        return client
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -110,6 +110,8 @@ def start_stack(manifest: Path, tmp: Path, timeout: float = 300) -> Stack:
 
 def stop_stack(stack: Stack, timeout: float = 30) -> set[int]:
     """SIGTERM the launcher; returns the descendants that were alive before."""
+    for client in stack.clients:
+        client.close()
     before = descendants(stack.proc.pid)
     stack.proc.send_signal(signal.SIGTERM)
     stack.proc.wait(timeout)

@@ -140,8 +140,13 @@ def _engine_url(stack, deployment: str) -> str:
     raise AssertionError("engine address not in the launcher log")
 
 
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:  # closed at once: no socket left to the GC
+        return str(resp.read().decode())
+
+
 def _metric(url: str, name: str) -> float:
-    text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+    text = _get(url + "/metrics")
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name):
@@ -166,7 +171,7 @@ def test_client_disconnect_cancels_generation_in_engine(stack):
                 break  # leave after a few tokens
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        load = json.loads(urllib.request.urlopen(engine + "/load", timeout=5).read())
+        load = json.loads(_get(engine + "/load"))
         if _metric(engine, 'modelfleet_engine_requests_total{outcome="cancelled"}') > before and load["running"] == 0:
             break
         time.sleep(0.2)
@@ -182,7 +187,7 @@ def test_gateway_metrics_count_requests_and_tokens(stack):
     list(
         stack.client().chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=5, stream=True)
     )
-    text = urllib.request.urlopen(stack.base_url + "/metrics", timeout=5).read().decode()
+    text = _get(stack.base_url + "/metrics")
     assert (
         'modelfleet_gateway_requests_total{deployment="smollm2",endpoint="/v1/chat/completions",status="200"}' in text
     )
