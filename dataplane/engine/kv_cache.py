@@ -11,15 +11,38 @@ is ever moved or recomputed.
 The bookkeeping (allocation, appending, freeing) is the same for every layer;
 the model writes each layer's K/V through :meth:`PagedKVCache.slots`, which
 turns positions into flat slot indices of ``key(layer).view(-1, H, D)``.
+
+Automatic prefix caching: once a block is full and its K/V are written
+(:meth:`PagedKVCache.register`), it is keyed by a digest of *every token up to
+its end* (a chain: the digest of the previous block plus this block's tokens),
+so two sequences that share a prefix share its blocks exactly, whatever
+follows. A new sequence given its tokens (:meth:`PagedKVCache.allocate`) takes
+the longest chain of cached blocks as its own first blocks (reference counted)
+and only the rest of its prompt needs computing. A cached block nobody holds
+stays resident and still counts as free: it is reclaimed, least recently used
+first, only when a block without cached contents is not available. Shared blocks
+are never written: a sequence always computes at least its last prompt token,
+in a block of its own.
 """
 
 from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 
 
 class OutOfBlocksError(RuntimeError):
     """The cache has no free block left for a request; nothing was changed."""
+
+
+def _chain(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """Digest of a block's tokens and everything before them (``parent`` is the previous block's digest)."""
+    h = hashlib.blake2b(parent, digest_size=16)
+    h.update(b"".join(t.to_bytes(4, "little", signed=False) for t in tokens))
+    return h.digest()
 
 
 class PagedKVCache:
@@ -50,16 +73,31 @@ class PagedKVCache:
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._tables: dict[int, list[int]] = {}
         self._lengths: dict[int, int] = {}
+        # prefix caching
+        self._refs = [0] * num_blocks
+        self._by_digest: dict[bytes, int] = {}
+        self._digest_of: dict[int, bytes] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; oldest first
+        self._chains: dict[int, tuple[int, bytes]] = {}  # seq -> (full blocks registered, digest of the last)
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of those, tokens found (and not computed)
+        self.prefix_evictions = 0
 
     # ---- capacity -------------------------------------------------------
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks a new token can take: never used, or cached but held by no sequence."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.free_blocks
+
+    @property
+    def cached_blocks(self) -> int:
+        """Blocks whose contents are in the prefix cache (held or not)."""
+        return len(self._digest_of)
 
     def blocks_needed(self, num_tokens: int) -> int:
         """Blocks that ``num_tokens`` tokens occupy."""
@@ -87,26 +125,90 @@ class PagedKVCache:
         self._table(seq_id)
         return self._lengths[seq_id]
 
-    def allocate(self, seq_id: int, num_tokens: int) -> list[int]:
-        """Register a new sequence of ``num_tokens`` tokens and return its block table.
+    def allocate(self, seq_id: int, num_tokens: int, token_ids: Sequence[int] | None = None) -> int:
+        """Register a new sequence of ``num_tokens`` tokens; returns how many of them are already cached.
 
-        Raises :class:`OutOfBlocksError` (and changes nothing) when the free
-        list is too short, ``ValueError`` when the sequence already exists.
+        With ``token_ids`` (the sequence's tokens, at least ``num_tokens`` of
+        them) the longest chain of cached full blocks becomes the start of the
+        block table and those tokens need no computing; the count returned is
+        a multiple of ``block_size`` and always below ``num_tokens``. Raises
+        :class:`OutOfBlocksError` (and changes nothing) when the free blocks
+        are too few, ``ValueError`` when the sequence already exists.
         """
         if seq_id in self._tables:
             raise ValueError(f"sequence {seq_id} already has blocks; free it first")
         if num_tokens < 0:
             raise ValueError("num_tokens must be >= 0")
-        need = self.blocks_needed(num_tokens)
-        if need > len(self._free):
+        shared: list[int] = []
+        digest = b""
+        if token_ids is not None and num_tokens > 0:
+            if len(token_ids) < num_tokens:
+                raise ValueError("token_ids is shorter than num_tokens")
+            bs = self.block_size
+            for i in range((num_tokens - 1) // bs):  # the last prompt token is always computed
+                nxt = _chain(digest, token_ids[i * bs : (i + 1) * bs])
+                block = self._by_digest.get(nxt)
+                if block is None:
+                    break
+                shared.append(block)
+                digest = nxt
+        need = self.blocks_needed(num_tokens) - len(shared)
+        reclaimable = sum(1 for b in shared if self._refs[b] == 0)  # our own hits are not free for us
+        if need > self.free_blocks - reclaimable:
             raise OutOfBlocksError(
                 f"sequence {seq_id} needs {need} blocks for {num_tokens} tokens, "
-                f"only {len(self._free)} of {self.num_blocks} are free"
+                f"only {self.free_blocks - reclaimable} of {self.num_blocks} are free"
             )
-        table = [self._free.pop() for _ in range(need)]
+        for block in shared:
+            if self._refs[block] == 0:
+                del self._evictable[block]
+            self._refs[block] += 1
+        table = shared + [self._take() for _ in range(need)]
         self._tables[seq_id] = table
         self._lengths[seq_id] = num_tokens
-        return list(table)
+        self._chains[seq_id] = (len(shared), digest)
+        if token_ids is not None:
+            self.prefix_queries += num_tokens
+            self.prefix_hits += len(shared) * self.block_size
+        return len(shared) * self.block_size
+
+    def register(self, seq_id: int, token_ids: Sequence[int], written: int) -> None:
+        """Offer the sequence's full blocks among its first ``written`` tokens (K/V computed) to the prefix cache.
+
+        ``token_ids`` are the sequence's tokens from position 0. Cheap when no
+        new block filled up since the last call.
+        """
+        table = self._table(seq_id)
+        done, digest = self._chains[seq_id]
+        full = min(written, len(token_ids), self._lengths[seq_id]) // self.block_size
+        bs = self.block_size
+        for i in range(done, full):
+            digest = _chain(digest, token_ids[i * bs : (i + 1) * bs])
+            block = table[i]
+            if digest not in self._by_digest and block not in self._digest_of:
+                self._by_digest[digest] = block
+                self._digest_of[block] = digest
+        if full > done:
+            self._chains[seq_id] = (full, digest)
+
+    def _take(self) -> int:
+        """A block for new contents: a never-cached one first, else the least recently used cached one."""
+        if self._free:
+            block = self._free.pop()
+        else:
+            block, _ = self._evictable.popitem(last=False)
+            del self._by_digest[self._digest_of.pop(block)]
+            self.prefix_evictions += 1
+        self._refs[block] = 1
+        return block
+
+    def _release(self, block: int) -> None:
+        self._refs[block] -= 1
+        if self._refs[block] == 0:
+            if block in self._digest_of:
+                self._evictable[block] = None  # most recently used at the end
+            else:
+                self._free.append(block)
 
     def append_slot(self, seq_id: int) -> tuple[int, int]:
         """Reserve the slot of the sequence's next token: ``(block, offset)``.
@@ -118,11 +220,11 @@ class PagedKVCache:
         position = self._lengths[seq_id]
         index, offset = divmod(position, self.block_size)
         if index == len(table):
-            if not self._free:
+            if not self.free_blocks:
                 raise OutOfBlocksError(
                     f"sequence {seq_id} needs a new block at token {position}, all {self.num_blocks} are in use"
                 )
-            table.append(self._free.pop())
+            table.append(self._take())
         self._lengths[seq_id] = position + 1
         return table[index], offset
 
@@ -133,20 +235,45 @@ class PagedKVCache:
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError("a sequence appears twice in one step")
         need = sum(1 for s in seq_ids if self._lengths[s] == len(self._tables[s]) * self.block_size)
-        if need > len(self._free):
+        if need > self.free_blocks:
             raise OutOfBlocksError(
-                f"this step needs {need} new blocks for {len(seq_ids)} sequences, only {len(self._free)} are free"
+                f"this step needs {need} new blocks for {len(seq_ids)} sequences, only {self.free_blocks} are free"
             )
         return [self.append_slot(s) for s in seq_ids]
 
+    def extend(self, seq_id: int, num_tokens: int) -> None:
+        """Grow the sequence by ``num_tokens`` positions (taking blocks as needed), all or nothing."""
+        table = self._table(seq_id)
+        length = self._lengths[seq_id] + num_tokens
+        need = self.blocks_needed(length) - len(table)
+        if need > self.free_blocks:
+            raise OutOfBlocksError(f"sequence {seq_id} needs {need} more blocks, only {self.free_blocks} are free")
+        table.extend(self._take() for _ in range(max(need, 0)))
+        self._lengths[seq_id] = length
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Shrink the sequence to its first ``length`` positions; blocks past them are released."""
+        table = self._table(seq_id)
+        if not 0 <= length <= self._lengths[seq_id]:
+            raise ValueError(f"cannot truncate sequence {seq_id} of length {self._lengths[seq_id]} to {length}")
+        keep = self.blocks_needed(length)
+        for block in reversed(table[keep:]):
+            self._release(block)
+        del table[keep:]
+        self._lengths[seq_id] = length
+        if self._chains[seq_id][0] * self.block_size > length:  # rare: only a caller that truncates registered blocks
+            self._chains[seq_id] = (0, b"")
+
     def free(self, seq_id: int) -> None:
-        """Return the sequence's blocks to the free list and forget it."""
+        """Release the sequence's blocks and forget it; cached blocks stay resident until reclaimed."""
         table = self._tables.pop(seq_id, None)
         if table is None:
             raise KeyError(f"unknown sequence {seq_id}")
         del self._lengths[seq_id]
+        del self._chains[seq_id]
         # Reversed so that the sequence's first block is the next one handed out.
-        self._free.extend(reversed(table))
+        for block in reversed(table):
+            self._release(block)
 
     # ---- tensors --------------------------------------------------------
 

@@ -4,8 +4,11 @@
 ``LlamaForCausalLM`` (SmolLM2 is one) by itself, on the model's own parameter
 tensors (nothing is copied), with its K/V in a :class:`PagedKVCache`:
 
-- :meth:`PagedLlama.prefill` runs one prompt, writes its K/V into the blocks of
-  that sequence and returns the logits of the last position;
+- :meth:`PagedLlama.begin` registers a sequence (its first blocks may come
+  from the prefix cache) and :meth:`PagedLlama.extend` computes any span of its
+  positions against everything before them, so a long prompt can be prefilled
+  in chunks across steps, and a speculative draft verified in one forward;
+  :meth:`PagedLlama.prefill` does both for a whole prompt;
 - :meth:`PagedLlama.decode` advances any set of sequences by one token in ONE
   forward: the projections and the MLP are single matmuls over the batch (on a
   CPU a decode step is bound by reading the weights, so a batch of 16 costs
@@ -147,21 +150,47 @@ class PagedLlama:
 
     # ---- public ----------------------------------------------------------
 
-    def prefill(self, seq_id: int, token_ids: list[int]) -> torch.Tensor:
-        """Run a new sequence's prompt; its K/V go to fresh blocks. Returns the last position's logits ``[vocab]``.
+    def begin(self, seq_id: int, token_ids: list[int], *, prefix_cache: bool = True) -> int:
+        """Take blocks for a new sequence's tokens; returns how many leading tokens the prefix cache already holds.
+
+        Those need no computing: :meth:`extend` the rest. Raises
+        :class:`~modelfleet.dataplane.engine.kv_cache.OutOfBlocksError` when
+        the tokens do not fit (nothing is allocated then).
+        """
+        if not token_ids:
+            raise ValueError("a sequence needs at least one token")
+        return self.cache.allocate(seq_id, len(token_ids), token_ids if prefix_cache else None)
+
+    def extend(self, seq_id: int, token_ids: list[int], start: int, *, all_logits: bool = False) -> torch.Tensor:
+        """Compute positions ``[start, start + len(token_ids))`` of a sequence whose earlier positions are computed.
+
+        The positions must already belong to the sequence (:meth:`begin`, or
+        ``cache.extend`` for draft tokens). Returns the logits of the last
+        position ``[vocab]``, or of every position ``[n, vocab]`` with ``all_logits``.
+        """
+        if not token_ids:
+            raise ValueError("extend needs at least one token")
+        if start + len(token_ids) > self.cache.length(seq_id):
+            raise ValueError(f"positions up to {start + len(token_ids)} are not allocated to sequence {seq_id}")
+        with torch.inference_mode():
+            x = self._extend(seq_id, token_ids, start)
+            return self._logits(x) if all_logits else self._logits(x[-1:])[0]
+
+    def prefill(self, seq_id: int, token_ids: list[int], *, prefix_cache: bool = False) -> torch.Tensor:
+        """Run a new sequence's whole prompt. Returns the last position's logits ``[vocab]``.
 
         Raises :class:`~modelfleet.dataplane.engine.kv_cache.OutOfBlocksError`
         when the prompt does not fit (nothing is allocated then).
         """
-        if not token_ids:
-            raise ValueError("prefill needs at least one token")
-        self.cache.allocate(seq_id, len(token_ids))
+        cached = self.begin(seq_id, token_ids, prefix_cache=prefix_cache)
         try:
-            with torch.inference_mode():
-                return self._prefill(seq_id, token_ids)
+            logits = self.extend(seq_id, token_ids[cached:], cached)
         except BaseException:
             self.cache.free(seq_id)
             raise
+        if prefix_cache:
+            self.cache.register(seq_id, token_ids, len(token_ids))
+        return logits
 
     def decode(self, seq_ids: list[int], last_tokens: list[int]) -> torch.Tensor:
         """Advance every sequence by one token in one batched forward. Returns logits ``[batch, vocab]``.
@@ -221,26 +250,38 @@ class PagedLlama:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._rms(x, self.final_norm), self.lm_head)
 
-    def _prefill(self, seq_id: int, token_ids: list[int]) -> torch.Tensor:
+    def _extend(self, seq_id: int, token_ids: list[int], start: int) -> torch.Tensor:
+        """Hidden states ``[n, hidden]`` of positions ``[start, start + n)``; their K/V are written to the cache."""
         n = len(token_ids)
-        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        slots = self.cache.slots(seq_id)
-        cos, sin = self._rope(torch.arange(n, device=self.device))
+        end = start + n
+        dev = self.device
+        ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
+        slots = self.cache.slots(seq_id, 0, end)
+        new_slots = slots[start:]
+        cos, sin = self._rope(torch.arange(start, end, device=dev))
+        mask = None
+        if start:
+            # query i (position start + i) sees every key up to and including its own position
+            mask = torch.arange(end, device=dev)[None, :] <= torch.arange(start, end, device=dev)[:, None]
         x = F.embedding(ids, self.embed)
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, x, cos, sin)
-            self.cache.write(i, slots, k, v)
-            # The prompt attends to itself only: no earlier K/V exist for a new sequence.
+            self.cache.write(i, new_slots, k, v)
+            if start:
+                keys, values = self.cache.gather(i, slots)  # [end, Hkv, D]
+            else:  # nothing earlier: attend to the new K/V directly, no gather
+                keys, values = k, v
             attn = F.scaled_dot_product_attention(
                 q.transpose(0, 1)[None],
-                k.transpose(0, 1)[None],
-                v.transpose(0, 1)[None],
-                is_causal=True,
+                keys.transpose(0, 1)[None],
+                values.transpose(0, 1)[None],
+                attn_mask=mask,
+                is_causal=not start,
                 scale=self.scale,
                 enable_gqa=True,
             )
             x = self._finish_layer(layer, x, attn[0].transpose(0, 1).reshape(n, -1))
-        return self._logits(x[-1:])[0]
+        return x
 
     def _decode(
         self, seq_ids: list[int], last_tokens: list[int], positions: list[int], new: list[tuple[int, int]]

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from modelfleet.dataplane.engine.kv_cache import OutOfBlocksError, PagedKVCache
+from modelfleet.dataplane.engine.kv_cache import OutOfBlocksError
 from modelfleet.dataplane.runners.llama_paged import PagedLlama
 from modelfleet.dataplane.runners.weights import resolve_hf_dir
 from modelfleet.dataplane.spec import PackageFileSource, WeightSource
@@ -163,70 +163,41 @@ def test_decode_out_of_blocks_changes_nothing(hf: tuple[Any, Any]) -> None:
     assert 2 not in paged.cache
 
 
-# ---- the cache alone --------------------------------------------------------
+def test_chunked_prefill_matches_one_shot(hf: tuple[Any, Any], prompts: list[list[int]]) -> None:
+    """A prompt computed in chunks of 3 (each attending to the chunks before) gives the one-shot logits."""
+    model, _ = hf
+    paged = PagedLlama(model, num_blocks=32, block_size=4)
+    ids = prompts[1]
+    whole = paged.prefill(0, ids)
+    assert paged.begin(1, ids, prefix_cache=False) == 0
+    for start in range(0, len(ids), 3):
+        last = paged.extend(1, ids[start : start + 3], start)
+    assert torch.allclose(last, whole, atol=1e-4), (last - whole).abs().max()
+    # and decoding goes on identically from either
+    a = paged.decode([0, 1], [int(whole.argmax())] * 2)
+    assert torch.allclose(a[0], a[1], atol=1e-4)
 
 
-def _cache(num_blocks: int = 4, block_size: int = 4) -> PagedKVCache:
-    return PagedKVCache(num_layers=2, num_blocks=num_blocks, block_size=block_size, num_kv_heads=3, head_dim=8)
-
-
-def test_cache_allocates_blocks_for_a_prompt() -> None:
-    cache = _cache()
-    assert cache.key(0).shape == (4, 4, 3, 8) and cache.value(1).dtype == torch.float32
-    assert cache.allocate(7, 5) == [0, 1]
-    assert (cache.used_blocks, cache.free_blocks, cache.length(7)) == (2, 2, 5)
-    assert cache.allocate(8, 0) == []
-    with pytest.raises(ValueError):
-        cache.allocate(7, 1)
-    assert cache.slots(7).tolist() == [0, 1, 2, 3, 4]
-    assert cache.slot(7, 4) == 4
-
-
-def test_cache_append_crosses_a_block_boundary() -> None:
-    cache = _cache()
-    cache.allocate(1, 3)
-    assert cache.append_slot(1) == (0, 3)  # the last slot of block 0
-    assert cache.used_blocks == 1
-    assert cache.append_slot(1) == (1, 0)  # a new block
-    assert cache.block_table(1) == [0, 1] and cache.length(1) == 5
-    cache.allocate(2, 1)
-    assert cache.append_slot(2) == (2, 1)
-    # K/V written at slots are read back through the block table.
-    k = torch.arange(5 * 3 * 8, dtype=torch.float32).view(5, 3, 8)
-    cache.write(1, cache.slots(1), k, -k)
-    keys, values = cache.gather(1, cache.slots(1)[None])
-    assert torch.equal(keys[0], k) and torch.equal(values[0], -k)
-    assert torch.equal(cache.key(1)[1, 0], k[4])
-
-
-def test_cache_free_returns_blocks_for_reuse() -> None:
-    cache = _cache()
-    cache.allocate(1, 8)
-    cache.allocate(2, 4)
-    cache.free(1)
-    assert (cache.used_blocks, cache.free_blocks) == (1, 3)
-    assert 1 not in cache and cache.sequences == [2]
-    assert cache.allocate(3, 8) == [0, 1]  # 1's blocks, first block first
-    with pytest.raises(KeyError):
-        cache.free(1)
-    with pytest.raises(KeyError):
-        cache.append_slot(1)
-
-
-def test_cache_out_of_blocks_is_clear_and_changes_nothing() -> None:
-    cache = _cache(num_blocks=2, block_size=2)
-    with pytest.raises(OutOfBlocksError, match="needs 3 blocks for 5 tokens, only 2 of 2 are free"):
-        cache.allocate(1, 5)
-    assert cache.free_blocks == 2 and 1 not in cache
-    cache.allocate(1, 2)
-    cache.allocate(2, 2)
-    with pytest.raises(OutOfBlocksError, match="all 2 are in use"):
-        cache.append_slot(1)
-    assert cache.length(1) == 2 and cache.block_table(1) == [0]
-    cache.free(2)
-    cache.allocate(3, 0)
-    with pytest.raises(OutOfBlocksError, match="needs 2 new blocks"):
-        cache.append_slots([1, 3])  # both need a block, one is free: neither gets one
-    assert (cache.length(1), cache.length(3), cache.free_blocks) == (2, 0, 1)
-    with pytest.raises(ValueError):
-        cache.append_slots([1, 1])
+def test_prefix_cache_computes_only_new_tokens_with_identical_logits(
+    hf: tuple[Any, Any], prompts: list[list[int]]
+) -> None:
+    """Two prompts sharing a long prefix: the second takes the first's full blocks and computes only its tail."""
+    model, _ = hf
+    paged = PagedLlama(model, num_blocks=64, block_size=4)
+    shared = prompts[1] + prompts[3]  # a long "system prompt"
+    first = shared + prompts[0]
+    second = shared + prompts[2]
+    paged.prefill(0, first, prefix_cache=True)
+    assert paged.cache.prefix_hits == 0
+    cached = paged.begin(1, second)
+    assert cached == (len(shared) // 4) * 4 and cached > 0
+    assert paged.cache.block_table(1)[: cached // 4] == paged.cache.block_table(0)[: cached // 4]
+    got = paged.extend(1, second[cached:], cached)
+    fresh = PagedLlama(model, num_blocks=64, block_size=4).prefill(0, second)
+    assert torch.allclose(got, fresh, atol=1e-4), (got - fresh).abs().max()
+    assert paged.cache.prefix_hits == cached
+    # both finish; their blocks stay cached, so a third request with the prefix hits again
+    paged.free(0)
+    paged.free(1)
+    assert paged.cache.used_blocks == 0 and paged.cache.cached_blocks >= cached // 4
+    assert paged.begin(2, second) == cached
