@@ -11,7 +11,8 @@ tokens after its prefill:
 
 Only the decode steps are timed (prefills run before the clock starts).
 
-    .venv/bin/python bench/paged_decode.py [--steps 128] [--batch 1 4 8 16] [--block-size 16]
+    .venv/bin/python bench/paged_decode.py [--steps 128] [--batch 1 4 8 16] [--block-size 16] \
+        [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--weights DIR]
 
 Prints one row per (contender, batch): aggregate decode tokens/s, per-stream
 tokens/s, ms per step, and for the paged rows how many streams produced
@@ -54,24 +55,38 @@ def prompt_ids(tokenizer: Any, batch: int) -> list[list[int]]:
     return out
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def run_hf(model: Any, prompts: list[list[int]], steps: int) -> tuple[float, list[list[int]]]:
     from transformers import DynamicCache
+
+    dev = str(model.device)
 
     caches = []
     tokens: list[list[int]] = []
     with torch.inference_mode():
         for ids in prompts:
             cache = DynamicCache()
-            logits = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            logits = model(
+                input_ids=torch.tensor([ids], device=dev), past_key_values=cache, use_cache=True, logits_to_keep=1
+            )
             caches.append(cache)
             tokens.append([int(logits.logits[0, -1].argmax())])
+        _sync(dev)
         start = time.perf_counter()
         for _ in range(steps):
             for cache, toks in zip(caches, tokens, strict=True):
                 out = model(
-                    input_ids=torch.tensor([[toks[-1]]]), past_key_values=cache, use_cache=True, logits_to_keep=1
+                    input_ids=torch.tensor([[toks[-1]]], device=dev),
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
                 )
                 toks.append(int(out.logits[0, -1].argmax()))
+        _sync(dev)
         return time.perf_counter() - start, tokens
 
 
@@ -80,11 +95,13 @@ def run_paged(model: Any, prompts: list[list[int]], steps: int, block_size: int)
     paged = PagedLlama(model, num_blocks=per_seq * len(prompts), block_size=block_size)
     seq_ids = list(range(len(prompts)))
     tokens = [[int(paged.prefill(s, prompts[s]).argmax())] for s in seq_ids]
+    _sync(str(paged.device))
     start = time.perf_counter()
     for _ in range(steps):
         logits = paged.decode(seq_ids, [t[-1] for t in tokens])
         for row, next_token in enumerate(logits.argmax(dim=-1).tolist()):
             tokens[row].append(int(next_token))
+    _sync(str(paged.device))
     return time.perf_counter() - start, tokens
 
 
@@ -93,13 +110,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--weights", type=Path, help="a Hugging Face model folder (default: the SmolLM2 GGUF, converted)"
+    )
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_hf_dir(SOURCE)
+    path = args.weights or resolve_hf_dir(SOURCE)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype))
+    model.to(args.device)
     model.eval()
     warm = prompt_ids(tokenizer, 2)
     run_hf(model, warm, 4)
@@ -118,7 +141,8 @@ def main() -> None:
     print(
         f"\nmachine: {platform.node()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}, "
         f"python {platform.python_version()}, torch {torch.__version__}; steps={args.steps}, "
-        f"block_size={args.block_size}, float32"
+        f"block_size={args.block_size}, {args.dtype} on {args.device}"
+        + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
     )
     print(
         f"{'contender':<16} {'batch':>5} {'tokens':>7} {'wall s':>8} {'agg tok/s':>10} "
