@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 from modelfleet.dataplane.spec import InferenceDeploymentSpec, RuntimeKind, WeightSource
 
 __all__ = [
+    "ContextFaultError",
     "DeviceContext",
     "ExecuteBatch",
     "FinishReason",
@@ -63,6 +64,15 @@ class RunnerError(RuntimeError):
     """A runner failed in a way the caller should report, not hide."""
 
 
+class ContextFaultError(RunnerError):
+    """The runner's device context (or remote session) is unusable.
+
+    Nothing the runner does per sequence can fix it; only ``rebuild_session``
+    can. The engine worker reacts by rebuilding once for every affected
+    sequence and resuming them (``SequenceRequest.resume_token_ids``).
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """Decoding settings of one sequence. temperature 0 means greedy."""
@@ -81,12 +91,19 @@ class SamplingParams:
 
 @dataclass(frozen=True, slots=True)
 class SequenceRequest:
-    """One sequence to generate: already tokenized, with its sampling settings."""
+    """One sequence to generate: already tokenized, with its sampling settings.
+
+    ``resume_token_ids`` are tokens this request already generated, and whose
+    text was already handed out, before a context fault: the runner continues
+    after them (they count toward ``sampling.max_tokens``) and emits only the
+    text that follows.
+    """
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
     priority: int = 0
+    resume_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

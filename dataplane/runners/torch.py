@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelfleet.dataplane.engine.faults import is_context_fault
 from modelfleet.dataplane.runners.base import (
+    ContextFaultError,
     DeviceContext,
     ExecuteBatch,
     FinishReason,
@@ -121,6 +123,8 @@ class TorchRunner:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._source: WeightSource | None = None
+        self._poisoned: str | None = None  # why the device context is unusable, until rebuild_session
+        self.fault_hook: Callable[[], None] | None = None  # called once per step with work (fault injection)
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -188,7 +192,9 @@ class TorchRunner:
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
         if self._source is not None:
-            await asyncio.to_thread(self._load_sync, DeviceContext(self.device), self._source)
+            await asyncio.to_thread(self._load_sync, DeviceContext(self.device), self._source)  # new cache, 0 reserved
+        with self._cond:
+            self._poisoned = None
 
     async def close(self) -> None:
         with self._cond:
@@ -239,6 +245,8 @@ class TorchRunner:
 
         seqs = [self._new_sequence(req, sink) for req in batch.sequences]
         with self._cond:
+            if self._poisoned is not None:
+                raise ContextFaultError(f"device context unusable until rebuilt: {self._poisoned}")
             self._pending.extend(seqs)
             self._cond.notify_all()
         remaining = {s.request.request_id for s in seqs}
@@ -272,13 +280,16 @@ class TorchRunner:
         if not req.sampling.greedy:
             generator = torch.Generator(device=self.device)
             if req.sampling.seed is not None:
-                generator.manual_seed(req.sampling.seed)
+                seed = req.sampling.seed
+                if req.resume_token_ids:  # a fresh generator seeded from (seed, tokens so far): still reproducible
+                    seed = (seed + len(req.resume_token_ids) * 0x9E3779B97F4A7C15) % 2**64
+                generator.manual_seed(seed)
             else:
                 generator.seed()
         blocks = 0
         if self.paged is not None:
             blocks = self.paged.cache.blocks_needed(len(req.prompt_token_ids) + req.sampling.max_tokens)
-        return _Sequence(
+        seq = _Sequence(
             request=req,
             sink=sink,
             detok=IncrementalDetokenizer(self.codec.tokenizer),
@@ -286,7 +297,11 @@ class TorchRunner:
             generator=generator,
             seq_id=next(self._seq_ids),
             blocks=blocks,
+            generated=list(req.resume_token_ids),
         )
+        for token in req.resume_token_ids:  # replay: the text they give was handed out before the fault
+            seq.stop.feed(seq.detok.push(token))
+        return seq
 
     # ---- the worker thread -----------------------------------------------
 
@@ -332,26 +347,52 @@ class TorchRunner:
                     continue
             for seq in impossible:
                 seq.sink(RunnerError(f"needs {seq.blocks} KV blocks; this replica has {self._kv_blocks} in all"))
+            try:
+                self._step(joining, running)
+            except Exception as exc:
+                if not is_context_fault(exc):
+                    raise
+                self._poison(exc)
+
+    def _step(self, joining: list[_Sequence], running: list[_Sequence]) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook()
+        for seq in [*running, *joining]:
+            if seq.aborted:
+                self._finish(seq, FinishReason.ABORT, "")
+        if self.paged is None:
             for seq in [*running, *joining]:
-                if seq.aborted:
-                    self._finish(seq, FinishReason.ABORT, "")
-            if self.paged is None:
-                for seq in [*running, *joining]:
-                    if seq.request.request_id in self._active:
-                        self._step_one(seq)
-                continue
-            for seq in joining:  # prefill newcomers one by one
                 if seq.request.request_id in self._active:
                     self._step_one(seq)
-            batch = [s for s in running if s.request.request_id in self._active]
-            if batch:
-                self._decode_batch(batch)
+            return
+        for seq in joining:  # prefill newcomers one by one
+            if seq.request.request_id in self._active:
+                self._step_one(seq)
+        batch = [s for s in running if s.request.request_id in self._active]
+        if batch:
+            self._decode_batch(batch)
+
+    def _poison(self, exc: Exception) -> None:
+        """The device context is unusable: fail every sequence and step no more until rebuild_session."""
+        log.error("device context poisoned (%s: %s); waiting for a session rebuild", type(exc).__name__, exc)
+        with self._cond:
+            self._poisoned = f"{type(exc).__name__}: {exc}"
+            failing = list(self._active.values()) + self._pending
+            self._active.clear()
+            self._pending.clear()
+            self.paged = None  # its memory is on the broken context; rebuild_session makes a new cache
+            self._reserved = 0
+        for seq in failing:
+            seq.cache = None
+            seq.sink(ContextFaultError(self._poisoned))
 
     def _step_one(self, seq: _Sequence) -> None:
         try:
             with torch.inference_mode():
                 token = self._next_token(seq)
-        except Exception as exc:  # a device fault: report it on this sequence, keep serving others
+        except Exception as exc:  # a fault of this sequence: report it on it, keep serving others
+            if is_context_fault(exc):
+                raise
             log.exception("step failed for %s", seq.request.request_id)
             self._drop(seq)
             seq.sink(RunnerError(f"model step failed: {type(exc).__name__}"))
@@ -367,6 +408,8 @@ class TorchRunner:
                     sample_next(logits[i].float(), seq.request.sampling, seq.generator) for i, seq in enumerate(batch)
                 ]
         except Exception as exc:
+            if is_context_fault(exc):
+                raise
             log.exception("batched decode step failed for %d sequences", len(batch))
             for seq in batch:
                 self._drop(seq)
@@ -377,14 +420,14 @@ class TorchRunner:
 
     def _next_token(self, seq: _Sequence) -> int:
         """Prefill (paged or not), or one unbatched decode step for models without a paged forward."""
-        if self.paged is not None:
-            logits = self.paged.prefill(seq.seq_id, list(seq.request.prompt_token_ids))
+        if self.paged is not None:  # a resumed sequence prefills its earlier tokens too
+            logits = self.paged.prefill(seq.seq_id, [*seq.request.prompt_token_ids, *seq.generated])
             return sample_next(logits.float(), seq.request.sampling, seq.generator)
         from transformers import DynamicCache
 
         if seq.cache is None:
             seq.cache = DynamicCache()
-            ids = torch.tensor([seq.request.prompt_token_ids], dtype=torch.long, device=self.device)
+            ids = torch.tensor([[*seq.request.prompt_token_ids, *seq.generated]], dtype=torch.long, device=self.device)
         else:
             ids = torch.tensor([[seq.generated[-1]]], dtype=torch.long, device=self.device)
         out = self.model(input_ids=ids, past_key_values=seq.cache, use_cache=True, logits_to_keep=1)
