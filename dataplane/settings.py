@@ -24,6 +24,7 @@ class EngineSettings(_Base):
     manifest: Path
     deployment: str | None = None
     replica: int = 0
+    fault_injection: bool = False  # MODELFLEET_FAULT_INJECTION=1: test-only POST /admin/fault (engine/faults.py)
 
 
 class SidecarSettings(_Base):

@@ -201,6 +201,15 @@ class EngineSpec(SpecModel):
         int,
         Field(ge=0, le=1_000_000, description="Requests waiting beyond which a replica answers 429 (backpressure)."),
     ] = 256
+    max_queue_tokens: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=1_000_000_000,
+            description="Tokens (prompt plus max_tokens) of the waiting requests beyond which a replica answers 429. "
+            "A request larger than this is still queued when nothing else waits.",
+        ),
+    ] = 262_144
 
     def kv_blocks(self) -> int:
         """Paged-KV blocks per replica, explicit or derived."""

@@ -1,8 +1,11 @@
 """HTTP surface of an engine replica (aiohttp: it sits on the hot path).
 
 Routes: the OpenAI-compatible API the sidecar forwards to, /v1/models,
-/healthz (alive), /readyz (weights loaded; 503 with progress while loading),
-/load (the sidecar's load view) and /metrics.
+/healthz (alive), /readyz (weights loaded; 503 with progress while loading,
+and with status "rebuilding" and the cause while the worker rebuilds the
+runner's session), /load (the sidecar's load view) and /metrics. With
+``MODELFLEET_FAULT_INJECTION=1`` only, also ``POST /admin/fault``: a test-only
+switch that fakes a poisoned device context (see engine/faults.py).
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from modelfleet.dataplane.engine.core import EngineCore
+from modelfleet.dataplane.engine.faults import FaultInjector
 from modelfleet.dataplane.engine.metrics import EngineMetrics
 from modelfleet.dataplane.engine.service import EngineService
+from modelfleet.dataplane.engine.worker import EngineWorker
 from modelfleet.dataplane.httpserver import SSE_HEADERS, error_middleware, json_response
 from modelfleet.dataplane.protocol import (
+    ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     parse_json_body,
@@ -35,11 +41,24 @@ log = logging.getLogger(__name__)
 class EngineState:
     """Everything the engine's handlers share, owned by the app."""
 
-    def __init__(self, spec: InferenceDeploymentSpec, runner: ModelRunner, metrics: EngineMetrics) -> None:
+    def __init__(
+        self,
+        spec: InferenceDeploymentSpec,
+        runner: ModelRunner,
+        metrics: EngineMetrics,
+        *,
+        fault_injector: FaultInjector | None = None,
+    ) -> None:
         self.spec = spec
         self.runner = runner
         self.metrics = metrics
-        self.core = EngineCore(runner, spec.engine, metrics)
+        self.worker = EngineWorker(runner, metrics)
+        self.core = EngineCore(self.worker, spec.engine, metrics)
+        self.fault_injector = fault_injector
+        if fault_injector is not None:
+            if not hasattr(runner, "fault_hook"):
+                raise RuntimeError(f"{type(runner).__name__} has no fault_hook; fault injection needs one")
+            runner.fault_hook = fault_injector.check
         self.service: EngineService | None = None
         self.load_error: str | None = None
         self.draining = False
@@ -100,6 +119,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    if state.worker.rebuilding and not state.draining:
+        return json_response({"status": "rebuilding", **state.worker.status()}, status=503)
     if state.service is not None and not state.draining:
         return json_response({"status": "ready", "progress": state.progress})
     status = "draining" if state.draining else ("failed" if state.load_error else "loading")
@@ -108,12 +129,26 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def load(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    return json_response({**state.core.load(), "ready": state.service is not None})
+    ready = state.service is not None and not state.worker.rebuilding
+    return json_response({**state.core.load(), "ready": ready})
 
 
 async def metrics(request: web.Request) -> web.Response:
     data = generate_latest(request.app[STATE].metrics.registry)
     return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def admin_fault(request: web.Request) -> web.Response:
+    """Test-only: arm the fault injector; the next ``count`` runner steps fail as a poisoned CUDA context would."""
+    injector = request.app[STATE].fault_injector
+    assert injector is not None  # the route exists only with an injector
+    body = parse_json_body(await request.read() or b"{}")
+    count = body.get("count", 1)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise ApiError(400, "count must be an integer >= 0 (0 disarms).", param="count", code="invalid_value")
+    injector.arm(count)
+    log.warning("fault injection armed: the next %d runner steps fail", count)
+    return json_response({"armed": count})
 
 
 STATE = web.AppKey("engine_state", EngineState)
@@ -129,6 +164,8 @@ def build_app(state: EngineState) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/load", load)
     app.router.add_get("/metrics", metrics)
+    if state.fault_injector is not None:
+        app.router.add_post("/admin/fault", admin_fault)
 
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
         task = asyncio.create_task(_load_model(state))
@@ -136,6 +173,7 @@ def build_app(state: EngineState) -> web.Application:
         state.draining = True
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        await state.worker.close()
         await state.runner.close()
 
     app.cleanup_ctx.append(lifecycle)

@@ -1,10 +1,15 @@
 """The engine core of one replica: admission, queueing and backpressure.
 
 The core admits at most ``maxNumSeqs`` sequences into the runner at once; the
-rest wait in arrival order (higher priority first), and beyond ``maxQueueLen``
-waiting requests a new one is refused with a retriable 429 instead of growing
-the queue without bound. Runners that batch internally (torch's step loop,
-vLLM, SGLang) see only admitted sequences.
+rest wait in arrival order (higher priority first). The queue is bounded twice:
+by requests (``maxQueueLen``) and by tokens (``maxQueueTokens``: each waiting
+request counts its prompt plus its max_tokens, what it will cost once
+admitted). Beyond either bound a new request is refused with a retriable 429
+instead of growing the queue. A single request larger than ``maxQueueTokens``
+is not refused for good: it is admitted when nothing else waits (at once if a
+slot is free, else it waits alone), and gets a 429 only while others wait, as
+any request would. Runners that batch internally (torch's step loop, vLLM,
+SGLang) see only admitted sequences, through the worker that supervises them.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from modelfleet.dataplane.engine.metrics import EngineMetrics
-from modelfleet.dataplane.protocol import overloaded
-from modelfleet.dataplane.runners.base import ExecuteBatch, ModelRunner, SequenceRequest, TokenChunk
+from modelfleet.dataplane.engine.worker import EngineWorker
+from modelfleet.dataplane.protocol import ApiError, overloaded
+from modelfleet.dataplane.runners.base import SequenceRequest, TokenChunk
 from modelfleet.dataplane.spec import EngineSpec
 
 
@@ -26,13 +32,19 @@ from modelfleet.dataplane.spec import EngineSpec
 class _Waiter:
     sort_key: tuple[int, int]
     future: asyncio.Future[None] = field(compare=False)
+    tokens: int = field(compare=False, default=0)
+
+
+def queue_cost(request: SequenceRequest) -> int:
+    """Tokens a request counts for in the queue: its prompt plus the most it may generate."""
+    return len(request.prompt_token_ids) + request.sampling.max_tokens
 
 
 class EngineCore:
     """Queue in front of a runner with a fixed number of decode slots."""
 
-    def __init__(self, runner: ModelRunner, limits: EngineSpec, metrics: EngineMetrics) -> None:
-        self.runner = runner
+    def __init__(self, worker: EngineWorker, limits: EngineSpec, metrics: EngineMetrics) -> None:
+        self.worker = worker
         self.limits = limits
         self.metrics = metrics
         self._running = 0
@@ -47,23 +59,48 @@ class EngineCore:
     def queued(self) -> int:
         return sum(1 for w in self._waiting if not w.future.done())
 
+    @property
+    def queued_tokens(self) -> int:
+        return sum(w.tokens for w in self._waiting if not w.future.done())
+
     def load(self) -> dict[str, int]:
         return {
             "running": self._running,
             "queued": self.queued,
+            "queued_tokens": self.queued_tokens,
             "max_num_seqs": self.limits.max_num_seqs,
             "max_queue_len": self.limits.max_queue_len,
+            "max_queue_tokens": self.limits.max_queue_tokens,
         }
 
-    async def _acquire(self, priority: int) -> None:
+    def _refuse(self, tokens: int) -> ApiError | None:
+        """Why a request of this many tokens may not join the queue now, or None."""
+        queued = self.queued
+        if queued >= self.limits.max_queue_len:
+            self.metrics.rejected.labels(reason="queue_len").inc()
+            return overloaded(1, "This replica")
+        queued_tokens = self.queued_tokens
+        if queued and queued_tokens + tokens > self.limits.max_queue_tokens:
+            self.metrics.rejected.labels(reason="queue_tokens").inc()
+            return ApiError(
+                429,
+                f"This replica's queue holds {queued_tokens} tokens; {tokens} more would pass its "
+                f"maxQueueTokens of {self.limits.max_queue_tokens}. Retry after 1 s.",
+                type="rate_limit_error",
+                code="overloaded",
+                headers={"Retry-After": "1"},
+            )
+        return None
+
+    async def _acquire(self, priority: int, tokens: int) -> None:
         if self._running < self.limits.max_num_seqs and not self.queued:
             self._running += 1
             return
-        if self.queued >= self.limits.max_queue_len:
-            self.metrics.rejected.inc()
-            raise overloaded(1, "This replica")
+        refusal = self._refuse(tokens)
+        if refusal is not None:
+            raise refusal
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiting, _Waiter((-priority, next(self._seq)), future))
+        heapq.heappush(self._waiting, _Waiter((-priority, next(self._seq)), future, tokens))
         self._publish()
         try:
             await future
@@ -86,16 +123,17 @@ class EngineCore:
 
     def _publish(self) -> None:
         self.metrics.queued.set(self.queued)
+        self.metrics.queued_tokens.set(self.queued_tokens)
         self.metrics.running.set(self._running)
 
     async def generate(self, request: SequenceRequest) -> AsyncIterator[TokenChunk]:
-        """Admit the sequence, then stream its chunks from the runner."""
+        """Admit the sequence, then stream its chunks through the worker."""
         enqueued = time.perf_counter()
-        await self._acquire(request.priority)
+        await self._acquire(request.priority, queue_cost(request))
         self.metrics.queue_seconds.observe(time.perf_counter() - enqueued)
         self._publish()
         try:
-            async for chunk in self.runner.execute(ExecuteBatch((request,))):
+            async for chunk in self.worker.execute(request):
                 yield chunk
         finally:
             self._release()

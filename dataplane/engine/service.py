@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelfleet.dataplane.engine.core import EngineCore
+from modelfleet.dataplane.engine.worker import EngineRebuildingError
 from modelfleet.dataplane.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -142,6 +143,14 @@ class EngineService:
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
+        except EngineRebuildingError as exc:  # retriable: 503 before the first byte, an SSE error event after
+            raise ApiError(
+                503,
+                f"{exc} Retry after {exc.retry_after_s} s.",
+                type="service_unavailable",
+                code="engine_rebuilding",
+                headers={"Retry-After": str(exc.retry_after_s)},
+            ) from None
         except RunnerError as exc:
             raise ApiError(500, f"Generation failed: {exc}", type="server_error", code="runner_error") from None
         finally:
