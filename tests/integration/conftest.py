@@ -83,10 +83,11 @@ class Stack:
         return self.log.read_text(errors="replace")
 
 
-def start_stack(manifest: Path, tmp: Path, timeout: float = 300) -> Stack:
+def start_stack(manifest: Path, tmp: Path, timeout: float = 300, env: dict[str, str] | None = None) -> Stack:
+    """``env`` adds variables for the launcher, which passes its environment on to every role."""
     port = free_port()
     log = tmp / f"up-{port}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "modelfleet.dataplane.cli", "up", "-f", str(manifest), "--port", str(port)],
