@@ -57,7 +57,28 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--routes", type=Path, help="routing table file (JSON; what `modelfleet up` writes)")
     source.add_argument("--kubernetes", action="store_true", help="route to the InferenceDeployments of the cluster")
     _server_flags(gateway)
+
+    replay = sub.add_parser("replay", help="run a workload through the scheduler on a simulated clock (no model)")
+    replay.add_argument("--input", type=Path, required=True, help="workload (JSON)")
+    replay.add_argument("--output", type=Path, required=True, help="where to write the report (JSON)")
     return parser
+
+
+def _replay(input_path: Path, output_path: Path) -> int:
+    # imported here: the other roles never need it, and it needs nothing but the scheduler
+    from modelfleet.dataplane.engine.replay import WorkloadError, replay_file
+
+    try:
+        report = replay_file(input_path, output_path)
+    except WorkloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: cannot write {output_path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    totals = report["totals"]
+    print(f"{totals['completed']} requests in {totals['ticks']} ticks; fingerprint {totals['fingerprint']}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             operator_main = importlib.import_module("modelfleet.operator.main")
             operator_main.run(verbose=args.verbose)
             return 0
+        if args.command == "replay":
+            return _replay(args.input, args.output)
         _logging(args.command if args.command != "engine" else f"engine-{args.replica}", args.log_level)
         if args.command == "engine":
             from modelfleet.dataplane.engine.main import run as run_engine
