@@ -114,6 +114,8 @@ async def healthz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.load_error:
         return json_response({"status": "failed", "error": state.load_error}, status=500)
+    if state.worker.fatal:  # the device cannot be rebuilt in this process: ask to be restarted
+        return json_response({"status": "failed", "error": state.worker.fatal}, status=500)
     return json_response({"status": "alive"})
 
 

@@ -21,6 +21,13 @@ fault within ``fault_window_s`` of the last recovery doubles a backoff before
 the next rebuild (1 s, 2 s, 4 s, ... up to ``backoff_cap_s``). While
 rebuilding or backing off the replica reports not ready, so routers send new
 work elsewhere; requests already here wait for the rebuild and are served.
+
+A rebuild in the same process cannot always help: after a real CUDA fault
+(checked on an H100: a device-side assert) every later CUDA call in the
+process fails too, so reloading the weights fails. After
+``max_failed_rebuilds`` failed rebuilds in a row the worker sets ``fatal``
+and /healthz fails, so the process is restarted (the pod's liveness probe):
+the third tier. The worker keeps trying meanwhile; a success clears it.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ class EngineWorker:
         backoff_base_s: float = 1.0,
         backoff_cap_s: float = 16.0,
         fault_window_s: float = 30.0,
+        max_failed_rebuilds: int = 3,
     ) -> None:
         self.runner = runner
         self.metrics = metrics
@@ -74,6 +82,8 @@ class EngineWorker:
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
         self.fault_window_s = fault_window_s
+        self.max_failed_rebuilds = max_failed_rebuilds
+        self.fatal: str | None = None  # set when rebuilding in this process keeps failing: restart the process
         self._session = 0  # bumped by each successful rebuild; tells a new fault from a late report of an old one
         self._attempt: asyncio.Future[bool] | None = None  # the rebuild attempt in progress: True when it worked
         self._task: asyncio.Task[None] | None = None
@@ -143,6 +153,7 @@ class EngineWorker:
 
     async def _rebuild(self, cause: SessionRebuildCause) -> None:
         """Back off, rebuild; on failure fail the waiters and try again, backing off further."""
+        failures = 0
         try:
             while True:
                 attempt = self._attempt
@@ -155,6 +166,10 @@ class EngineWorker:
                     log.exception("rebuilding the runner's session failed")
                     self.metrics.rebuilds.labels(cause=cause.value, outcome="failed").inc()
                     self.cause = f"rebuild failed: {type(exc).__name__}: {exc}"
+                    failures += 1
+                    if failures >= self.max_failed_rebuilds:
+                        self.fatal = f"{failures} session rebuilds failed in a row; last: {type(exc).__name__}: {exc}"
+                        log.error("%s; the process needs a restart", self.fatal)
                     self._backoff_s = min(max(self._backoff_s * 2, self.backoff_base_s), self.backoff_cap_s)
                     self._attempt = asyncio.get_running_loop().create_future()
                     attempt.set_result(False)
@@ -163,6 +178,7 @@ class EngineWorker:
                 self.metrics.rebuilds.labels(cause=cause.value, outcome="ok").inc()
                 log.warning("runner session rebuilt in %.1f s (%s)", self._rebuild_s, cause.value)
                 self._session += 1
+                self.fatal = None
                 self._recovered_at = time.monotonic()
                 self._attempt = None
                 self._task = None

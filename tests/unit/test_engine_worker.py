@@ -141,3 +141,17 @@ async def test_a_failed_rebuild_fails_its_waiters_and_is_retried() -> None:
     failed = {"cause": "device_context_poisoned", "outcome": "failed"}
     assert sample(metrics, "modelfleet_engine_rebuilds_total", failed) == 1
     assert len(await collect(w, request("b"))) == 6
+
+
+async def test_rebuilds_failing_in_a_row_mark_the_worker_fatal_until_one_works() -> None:
+    """A real CUDA fault breaks every later call in the process: then only a restart helps."""
+    runner, metrics = FlakyRunner(faults=1, fault_after=1, rebuild_fails=3), EngineMetrics()
+    w = worker(runner, metrics)
+    with pytest.raises(EngineRebuildingError):
+        await collect(w, request("a"))
+    while runner.rebuilds < 4:
+        assert w.fatal is None or runner.rebuilds >= 3
+        await asyncio.sleep(0.005)
+    assert w.fatal is not None and "3 session rebuilds failed" in w.fatal
+    await w.settled()
+    assert w.fatal is None
