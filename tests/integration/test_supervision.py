@@ -156,18 +156,38 @@ def test_fault_under_load_resumes_every_request_with_identical_output(faulty):
     assert metric(engine, "modelfleet_engine_rebuilding") == 0
 
 
-def test_repeated_faults_give_a_retriable_503_then_the_replica_recovers(faulty):
+def stream_events(url: str, body: dict[str, Any], started: threading.Event) -> list[dict[str, Any]]:
+    """The JSON events of one SSE response; sets ``started`` at the first text."""
+    events: list[dict[str, Any]] = []
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+                if any(c.get("delta", {}).get("content") for c in events[-1].get("choices", [])):
+                    started.set()
+            elif line == "data: [DONE]":
+                events.append({"done": True})
+    return events
+
+
+def test_repeated_faults_give_a_retriable_error_then_the_replica_recovers(faulty):
     engine = engine_url(faulty, "faulty")
     retriable = metric(engine, "modelfleet_engine_retriable_failures_total")
-    arm(engine, 1000)  # every step fails: each rebuild is followed by another fault
     body = {"model": MODEL, "messages": messages("a fox"), "temperature": 0, "max_tokens": 8}
+    long_body = {**body, "max_tokens": 400, "ignore_eos": True}
+    begun = threading.Event()
     started = time.monotonic()
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(3) as pool:
+        running = pool.submit(stream_events, faulty.base_url, long_body, begun)
+        assert begun.wait(60)
+        arm(engine, 1000)  # every step fails: each rebuild is followed by another fault
         plain = pool.submit(httpx.post, faulty.base_url + "/v1/chat/completions", json=body, timeout=120)
         streamed = pool.submit(
             httpx.post, faulty.base_url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120
         )
         responses = [plain.result(), streamed.result()]
+        events = running.result()
     assert time.monotonic() - started < 90  # an explicit error, not a hang
     for resp in responses:
         assert resp.status_code == 503  # nothing was streamed yet: an HTTP status, even for stream=True
@@ -175,7 +195,11 @@ def test_repeated_faults_give_a_retriable_503_then_the_replica_recovers(faulty):
         err = resp.json()["error"]
         assert err["type"] == "service_unavailable" and err["code"] == "engine_rebuilding"
         assert "rebuilt" in err["message"]
-    assert metric(engine, "modelfleet_engine_retriable_failures_total") >= retriable + 2
+    # the stream that had begun ends with an error event, never a silent truncation
+    assert events[-1] == {"done": True}
+    assert events[-2]["error"]["code"] == "engine_rebuilding"
+    assert not any(c.get("finish_reason") for e in events[:-2] for c in e.get("choices", []))
+    assert metric(engine, "modelfleet_engine_retriable_failures_total") >= retriable + 3
 
     status, text = get(engine + "/readyz")  # the last fault's rebuild waits out its backoff
     assert status == 503
