@@ -179,6 +179,29 @@ class RuntimeSpec(SpecModel):
     ] = []
 
 
+class SpeculativeSpec(SpecModel):
+    """Prompt-lookup speculative decoding: drafts copied from the sequence's own history, verified in one forward."""
+
+    num_draft_tokens: Annotated[int, Field(ge=1, le=16, description="Draft tokens proposed per step.")] = 4
+    min_acceptance_rate: Annotated[
+        float,
+        Field(
+            ge=0.0,
+            le=1.0,
+            description="A sequence whose drafts are accepted less often than this stops speculating.",
+        ),
+    ] = 0.3
+    max_batch: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=256,
+            description="Speculate only while at most this many sequences decode; "
+            "a wide batch already uses the weights read by each step.",
+        ),
+    ] = 4
+
+
 class EngineSpec(SpecModel):
     """Limits of one replica's engine core."""
 
@@ -210,6 +233,22 @@ class EngineSpec(SpecModel):
             "A request larger than this is still queued when nothing else waits.",
         ),
     ] = 262_144
+    max_prefill_tokens_per_step: Annotated[
+        int,
+        Field(
+            ge=16,
+            le=1_048_576,
+            description="Prompt tokens computed per engine step; longer prompts are prefilled in chunks "
+            "so running sequences keep decoding.",
+        ),
+    ] = 256
+    prefix_caching: Annotated[
+        bool, Field(description="Reuse the KV blocks of a prompt prefix another request already computed.")
+    ] = True
+    speculative: Annotated[
+        SpeculativeSpec | None,
+        Field(description="Speculative decoding with prompt-lookup drafts (greedy requests); off when absent."),
+    ] = None
 
     def kv_blocks(self) -> int:
         """Paged-KV blocks per replica, explicit or derived."""

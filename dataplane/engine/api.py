@@ -132,7 +132,15 @@ async def readyz(request: web.Request) -> web.Response:
 async def load(request: web.Request) -> web.Response:
     state = request.app[STATE]
     ready = state.service is not None and not state.worker.rebuilding
-    return json_response({**state.core.load(), "ready": ready})
+    body: dict[str, object] = {**state.core.load(), "ready": ready}
+    stats = getattr(state.runner, "runtime_stats", None)
+    if callable(stats):
+        runtime = stats()
+        if runtime.get("kv_blocks_total"):
+            body["kv_usage"] = round(runtime["kv_blocks_used"] / runtime["kv_blocks_total"], 4)
+        if runtime.get("prefix_queries"):
+            body["prefix_hit_rate"] = round(runtime["prefix_hits"] / runtime["prefix_queries"], 4)
+    return json_response(body)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -7,7 +7,7 @@ import logging
 
 from modelfleet.dataplane.engine.api import EngineState, build_app
 from modelfleet.dataplane.engine.faults import FaultInjector
-from modelfleet.dataplane.engine.metrics import EngineMetrics
+from modelfleet.dataplane.engine.metrics import EngineMetrics, watch_runner
 from modelfleet.dataplane.httpserver import serve
 from modelfleet.dataplane.manifest import ManifestError, load_manifests
 from modelfleet.dataplane.runners.registry import create_runner
@@ -34,7 +34,9 @@ def run(settings: EngineSettings) -> None:
     injector = FaultInjector() if settings.fault_injection else None
     if injector is not None:
         log.warning("fault injection is on (MODELFLEET_FAULT_INJECTION): POST /admin/fault poisons the runner")
-    state = EngineState(dep.spec, runner, EngineMetrics(), fault_injector=injector)
+    metrics = EngineMetrics()
+    watch_runner(metrics, runner)
+    state = EngineState(dep.spec, runner, metrics, fault_injector=injector)
     app = build_app(state)
     log.info("engine %s/%d listening on %s:%d", dep.metadata.name, settings.replica, settings.host, settings.port)
     asyncio.run(serve(app, settings.host, settings.port, shutdown_timeout=settings.shutdown_timeout_s))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -60,3 +64,60 @@ class EngineMetrics:
         self.rebuilding = Gauge(
             "modelfleet_engine_rebuilding", "1 while the runner session is being rebuilt (or backing off)", registry=r
         )
+
+
+# name, kind, help: the runner's runtime_stats() keys exported at each scrape
+RUNTIME_STATS: dict[str, tuple[str, str, str]] = {
+    "kv_blocks_total": ("modelfleet_engine_kv_blocks", "gauge", "Paged-KV blocks of this replica"),
+    "kv_blocks_used": ("modelfleet_engine_kv_blocks_used", "gauge", "Paged-KV blocks held by sequences"),
+    "kv_blocks_cached": (
+        "modelfleet_engine_prefix_cache_blocks",
+        "gauge",
+        "Blocks whose contents are in the prefix cache (held or reclaimable)",
+    ),
+    "prefix_queries": (
+        "modelfleet_engine_prefix_cache_queried_tokens",
+        "counter",
+        "Prompt tokens looked up in the prefix cache",
+    ),
+    "prefix_hits": (
+        "modelfleet_engine_prefix_cache_hit_tokens",
+        "counter",
+        "Prompt tokens found in the prefix cache (not computed)",
+    ),
+    "prefix_evictions": (
+        "modelfleet_engine_prefix_cache_evictions",
+        "counter",
+        "Cached blocks reclaimed for new contents",
+    ),
+    "steps": ("modelfleet_engine_steps", "counter", "Engine steps run"),
+    "prefill_tokens": ("modelfleet_engine_prefill_computed_tokens", "counter", "Prompt positions computed"),
+    "step_s": ("modelfleet_engine_step_seconds", "counter", "Time in engine steps"),
+    "forward_s": ("modelfleet_engine_forward_seconds", "counter", "Time in model forwards and sampling"),
+    "scheduler_s": ("modelfleet_engine_scheduler_seconds", "counter", "Time in the step scheduler"),
+    "drafted": ("modelfleet_engine_spec_draft_tokens", "counter", "Speculative draft tokens proposed"),
+    "accepted": ("modelfleet_engine_spec_accepted_tokens", "counter", "Speculative draft tokens accepted"),
+}
+
+
+class RuntimeStatsCollector(Collector):
+    """Reads the runner's counters at scrape time, so the step loop never touches prometheus objects."""
+
+    def __init__(self, source: Callable[[], dict[str, float]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.source()
+        for key, (name, kind, text) in RUNTIME_STATS.items():
+            if key not in stats:
+                continue
+            family = CounterMetricFamily(name, text) if kind == "counter" else GaugeMetricFamily(name, text)
+            family.add_metric([], float(stats[key]))
+            yield family
+
+
+def watch_runner(metrics: EngineMetrics, runner: object) -> None:
+    """Export the runner's runtime_stats() when it has them (the torch runner does; remote runners need not)."""
+    source = getattr(runner, "runtime_stats", None)
+    if callable(source):
+        metrics.registry.register(RuntimeStatsCollector(source))

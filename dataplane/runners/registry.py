@@ -19,7 +19,6 @@ def create_runner(spec: InferenceDeploymentSpec) -> ModelRunner:
         return TorchRunner(
             dtype=spec.model.dtype,
             device=spec.runtime.device,
-            kv_blocks=spec.engine.kv_blocks(),
-            kv_block_size=spec.engine.kv_block_size,
+            engine=spec.engine,
         )
     raise RunnerError(f"runtime {kind.value!r} is not available in this version of ModelFleet yet")

@@ -1,11 +1,18 @@
 """The torch runner: a causal LM from transformers, driven step by step in-process.
 
-One worker thread owns the model and runs a step loop: sequences join the
-running set between steps and leave when they finish, so a long generation
-never blocks a new request for more than one step. Every sequence keeps its own
-KV cache; prefill and decode call the model's forward directly (no
-``generate``), sampling and detokenization happen here, and chunks are handed
-to the asyncio side through thread-safe queues.
+One worker thread owns the model and runs a step loop. For Llama-architecture
+models (SmolLM2 and most open models) every step is planned by the engine's
+:class:`~modelfleet.dataplane.engine.scheduler.Scheduler`: it admits sequences
+whose KV blocks fit (reserved for prompt + max_tokens), hands out a per-step
+prefill budget (long prompts are prefilled in chunks while others keep
+decoding), and picks the decode batch; :class:`PagedLlama` computes the chunks
+and decodes the whole batch in one forward over the paged KV cache, whose
+prefix cache lets a prompt skip the blocks another request already computed.
+Greedy sequences may speculate with prompt-lookup drafts when few sequences
+decode (``engine.speculative``). Other models fall back to one transformers
+cache per sequence, unbatched. Nothing calls ``generate``; sampling and
+detokenization happen here, and chunks reach the asyncio side through
+thread-safe queues.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from modelfleet.dataplane.engine.faults import is_context_fault
+from modelfleet.dataplane.engine.scheduler import NeverFitsError, SchedRequest, Scheduler, SchedulerConfig
 from modelfleet.dataplane.runners.base import (
     ContextFaultError,
     DeviceContext,
@@ -39,8 +47,9 @@ from modelfleet.dataplane.runners.base import (
 )
 from modelfleet.dataplane.runners.decoding import IncrementalDetokenizer, StopChecker, sample_next
 from modelfleet.dataplane.runners.llama_paged import PagedLlama
+from modelfleet.dataplane.runners.ngram import DraftStats, accept_greedy, propose
 from modelfleet.dataplane.runners.weights import resolve_hf_dir
-from modelfleet.dataplane.spec import Device, DType, InferenceDeploymentSpec
+from modelfleet.dataplane.spec import Device, DType, EngineSpec, InferenceDeploymentSpec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -76,9 +85,41 @@ class _Sequence:
     generator: torch.Generator | None
     seq_id: int = 0
     cache: Any = None  # per-sequence transformers cache (models without a paged forward)
-    blocks: int = 0  # paged-KV blocks reserved for prompt + max_tokens
+    context: list[int] = field(default_factory=list)  # tokens to prefill: the prompt (+ tokens before a fault)
     generated: list[int] = field(default_factory=list)
+    draft: DraftStats | None = None  # speculation of this sequence, while it pays
+    offered: int = 0  # full KV blocks already offered to the prefix cache
     aborted: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.request.request_id
+
+
+@dataclass
+class StepStats:
+    """Where the step loop's time goes (read by the engine's metrics and the scheduler-overhead benchmark)."""
+
+    steps: int = 0
+    step_s: float = 0.0  # whole steps, scheduler and bookkeeping included
+    forward_s: float = 0.0  # model forwards and sampling
+    scheduler_s: float = 0.0  # admit + plan + complete
+    prefill_tokens: int = 0  # prompt positions computed (prefix-cache hits are not)
+    prefill_chunks: int = 0
+    drafted: int = 0  # speculative draft tokens proposed
+    accepted: int = 0  # of those, accepted
+
+    def snapshot(self) -> dict[str, float]:
+        return {
+            "steps": self.steps,
+            "step_s": self.step_s,
+            "forward_s": self.forward_s,
+            "scheduler_s": self.scheduler_s,
+            "prefill_tokens": self.prefill_tokens,
+            "prefill_chunks": self.prefill_chunks,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+        }
 
 
 def pick_device(device: Device) -> str:
@@ -103,14 +144,16 @@ class TorchRunner:
     gil_pinned = True
 
     def __init__(
-        self, *, dtype: DType = DType.AUTO, device: Device = Device.AUTO, kv_blocks: int = 256, kv_block_size: int = 16
+        self, *, dtype: DType = DType.AUTO, device: Device = Device.AUTO, engine: EngineSpec | None = None
     ) -> None:
         self._dtype_choice = dtype
         self._device_choice = device
-        self._kv_blocks = kv_blocks
-        self._kv_block_size = kv_block_size
+        self.engine = engine or EngineSpec()
+        self._kv_blocks = self.engine.kv_blocks()
+        self._kv_block_size = self.engine.kv_block_size
         self.paged: PagedLlama | None = None
-        self._reserved = 0
+        self.scheduler: Scheduler | None = None
+        self.step_stats = StepStats()
         self._seq_ids = itertools.count(1)
         self.device = "cpu"
         self.progress = "starting"
@@ -164,9 +207,17 @@ class TorchRunner:
             eos.add(int(tokenizer.eos_token_id))
         self.eos_token_ids = frozenset(eos)
         self.paged = None
-        self._reserved = 0
+        self.scheduler = None
         if getattr(model.config, "model_type", "") == "llama":
             self.paged = PagedLlama(model, num_blocks=self._kv_blocks, block_size=self._kv_block_size)
+            self.scheduler = Scheduler(
+                SchedulerConfig(
+                    kv_blocks=self._kv_blocks,
+                    block_tokens=self._kv_block_size,
+                    max_active=self.engine.max_num_seqs,
+                    prefill_tokens_per_step=self.engine.max_prefill_tokens_per_step,
+                )
+            )
             log.info(
                 "paged KV cache: %d blocks of %d tokens (%.0f MiB); decode is batched",
                 self._kv_blocks,
@@ -205,6 +256,22 @@ class TorchRunner:
             self._thread = None
 
     # ---- protocol --------------------------------------------------------
+
+    def runtime_stats(self) -> dict[str, float]:
+        """KV, prefix-cache and step-loop counters (exported by the engine's /metrics and /load)."""
+        stats: dict[str, float] = dict(self.step_stats.snapshot())
+        paged = self.paged
+        if paged is not None:
+            cache = paged.cache
+            stats.update(
+                kv_blocks_total=cache.num_blocks,
+                kv_blocks_used=cache.used_blocks,
+                kv_blocks_cached=cache.cached_blocks,
+                prefix_queries=cache.prefix_queries,
+                prefix_hits=cache.prefix_hits,
+                prefix_evictions=cache.prefix_evictions,
+            )
+        return stats
 
     def rate_limits(self) -> RateLimits | None:
         return None
@@ -286,9 +353,6 @@ class TorchRunner:
                 generator.manual_seed(seed)
             else:
                 generator.seed()
-        blocks = 0
-        if self.paged is not None:
-            blocks = self.paged.cache.blocks_needed(len(req.prompt_token_ids) + req.sampling.max_tokens)
         seq = _Sequence(
             request=req,
             sink=sink,
@@ -296,41 +360,16 @@ class TorchRunner:
             stop=StopChecker(req.sampling.stop),
             generator=generator,
             seq_id=next(self._seq_ids),
-            blocks=blocks,
+            context=[*req.prompt_token_ids, *req.resume_token_ids],
             generated=list(req.resume_token_ids),
         )
+        if self.engine.speculative is not None and req.sampling.greedy:
+            seq.draft = DraftStats(min_acceptance=self.engine.speculative.min_acceptance_rate)
         for token in req.resume_token_ids:  # replay: the text they give was handed out before the fault
             seq.stop.feed(seq.detok.push(token))
         return seq
 
     # ---- the worker thread -----------------------------------------------
-
-    def _admit(self) -> tuple[list[_Sequence], list[_Sequence]]:
-        """Under the lock: move pending sequences whose KV blocks fit into the running set.
-
-        Blocks for prompt + max_tokens are reserved at admission, so a running
-        sequence never runs out of cache. A sequence that does not fit waits
-        without holding back smaller ones behind it; one that could never fit
-        fails at once.
-        """
-        joining: list[_Sequence] = []
-        impossible: list[_Sequence] = []
-        waiting: list[_Sequence] = []
-        total = self.paged.cache.num_blocks if self.paged is not None else 0
-        for seq in self._pending:
-            if self.paged is None:
-                joining.append(seq)
-            elif seq.blocks > total:
-                impossible.append(seq)
-            elif seq.aborted or self._reserved + seq.blocks <= total:
-                self._reserved += seq.blocks
-                joining.append(seq)
-            else:
-                waiting.append(seq)
-        self._pending = waiting
-        for seq in joining:
-            self._active[seq.request.request_id] = seq
-        return joining, impossible
 
     def _step_loop(self) -> None:
         torch.set_grad_enabled(False)
@@ -340,37 +379,166 @@ class TorchRunner:
                     self._cond.wait()
                 if self._stopping:
                     return
-                joining, impossible = self._admit()
-                running = [s for s in self._active.values() if s not in joining]
-                if not joining and not running:  # everything waits for blocks held by no one: wait for a change
-                    self._cond.wait(0.05)
-                    continue
-            for seq in impossible:
-                seq.sink(RunnerError(f"needs {seq.blocks} KV blocks; this replica has {self._kv_blocks} in all"))
+                joining = self._pending
+                self._pending = []
+                for seq in joining:
+                    self._active[seq.id] = seq
             try:
-                self._step(joining, running)
+                if self.fault_hook is not None:
+                    self.fault_hook()
+                for seq in list(self._active.values()):
+                    if seq.aborted:
+                        self._finish(seq, FinishReason.ABORT, "")
+                if self.scheduler is not None:
+                    self._paged_step(joining)
+                else:
+                    for seq in list(self._active.values()):
+                        self._step_one(seq)
             except Exception as exc:
                 if not is_context_fault(exc):
                     raise
                 self._poison(exc)
 
-    def _step(self, joining: list[_Sequence], running: list[_Sequence]) -> None:
-        if self.fault_hook is not None:
-            self.fault_hook()
-        for seq in [*running, *joining]:
-            if seq.aborted:
-                self._finish(seq, FinishReason.ABORT, "")
-        if self.paged is None:
-            for seq in [*running, *joining]:
-                if seq.request.request_id in self._active:
-                    self._step_one(seq)
+    def _paged_step(self, joining: list[_Sequence]) -> None:
+        """One scheduler step: admit, prefill chunks, one batched decode."""
+        sched, paged = self.scheduler, self.paged
+        assert sched is not None and paged is not None
+        started = time.perf_counter()
+        for seq in joining:
+            if seq.id not in self._active:
+                continue
+            remaining = seq.request.sampling.max_tokens - len(seq.generated)
+            try:
+                sched.add(SchedRequest(seq.id, len(seq.context), max(remaining, 1), seq.request.priority))
+            except NeverFitsError:
+                self._drop(seq)
+                need = sched.blocks_needed(len(seq.request.prompt_token_ids) + seq.request.sampling.max_tokens)
+                seq.sink(RunnerError(f"needs {need} KV blocks; this replica has {self._kv_blocks} in all"))
+        for request_id in sched.admit():
+            seq = self._active[request_id]
+            cached = paged.begin(seq.seq_id, seq.context, prefix_cache=self.engine.prefix_caching)
+            sched.mark_cached(request_id, cached)
+        plan = sched.plan()
+        planned = time.perf_counter()
+        if not plan.prefill and not plan.decode:
+            with self._cond:  # everything waits for blocks: wake on a change (a finish or a newcomer)
+                if not self._pending:
+                    self._cond.wait(0.05)
             return
-        for seq in joining:  # prefill newcomers one by one
-            if seq.request.request_id in self._active:
-                self._step_one(seq)
-        batch = [s for s in running if s.request.request_id in self._active]
-        if batch:
-            self._decode_batch(batch)
+        for request_id, start, n in plan.prefill:
+            if request_id in self._active:
+                self._prefill_chunk(self._active[request_id], start, n)
+        decoding = [self._active[i] for i in plan.decode if i in self._active]
+        if decoding:
+            self._decode(decoding)
+        completing = time.perf_counter()
+        sched.complete(plan)
+        ended = time.perf_counter()
+        stats = self.step_stats
+        stats.steps += 1
+        stats.step_s += ended - started
+        stats.scheduler_s += (planned - started) + (ended - completing)
+
+    def _prefill_chunk(self, seq: _Sequence, start: int, n: int) -> None:
+        assert self.paged is not None
+        began = time.perf_counter()
+        self.step_stats.prefill_tokens += n
+        self.step_stats.prefill_chunks += 1
+        try:
+            logits = self.paged.extend(seq.seq_id, seq.context[start : start + n], start)
+            if start + n < len(seq.context):
+                self._offer_blocks(seq)
+                return  # more chunks to come; the logits of a middle position are not needed
+            token = sample_next(logits.float(), seq.request.sampling, seq.generator)
+        except Exception as exc:
+            self._fail(seq, exc)
+            return
+        finally:
+            self.step_stats.forward_s += time.perf_counter() - began
+        self._offer_blocks(seq)
+        self._advance(seq, token)
+
+    def _decode(self, batch: list[_Sequence]) -> None:
+        """Advance the batch by one token each: speculative for a few greedy sequences, else one batched forward."""
+        spec = self.engine.speculative
+        plain = batch
+        if spec is not None and len(batch) <= spec.max_batch:
+            plain = [s for s in batch if not self._speculate(s, spec.num_draft_tokens)]
+        if not plain:
+            return
+        assert self.paged is not None
+        began = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                logits = self.paged.decode([s.seq_id for s in plain], [s.generated[-1] for s in plain])
+                tokens = [
+                    sample_next(logits[i].float(), seq.request.sampling, seq.generator) for i, seq in enumerate(plain)
+                ]
+            self.step_stats.forward_s += time.perf_counter() - began
+        except Exception as exc:
+            if is_context_fault(exc):
+                raise
+            log.exception("batched decode step failed for %d sequences", len(plain))
+            for seq in plain:
+                self._drop(seq)
+                seq.sink(RunnerError(f"model step failed: {type(exc).__name__}"))
+            return
+        for seq, token in zip(plain, tokens, strict=True):
+            self._offer_blocks(seq)
+            self._advance(seq, token)
+
+    def _speculate(self, seq: _Sequence, num_draft: int) -> bool:
+        """Verify a prompt-lookup draft in one forward; False when this sequence should decode normally."""
+        if seq.draft is None or not seq.draft.enabled:
+            return False
+        assert self.paged is not None
+        room = seq.request.sampling.max_tokens - len(seq.generated) - 1  # the forward also yields one token
+        history = [*seq.request.prompt_token_ids, *seq.generated]
+        draft = propose(history, min(num_draft, room))
+        if not draft:
+            return False
+        cache = self.paged.cache
+        length = cache.length(seq.seq_id)  # the last sampled token is not in the cache yet
+        began = time.perf_counter()
+        try:
+            cache.extend(seq.seq_id, len(draft) + 1)
+            logits = self.paged.extend(seq.seq_id, [seq.generated[-1], *draft], length, all_logits=True)
+            choices = [int(t) for t in logits.argmax(dim=-1).tolist()]
+        except Exception as exc:
+            self._fail(seq, exc)
+            return True
+        finally:
+            self.step_stats.forward_s += time.perf_counter() - began
+        kept = accept_greedy(draft, choices)
+        cache.truncate(seq.seq_id, length + len(kept))  # K/V of the last sampled token and the accepted drafts
+        seq.draft.record(len(draft), len(kept) - 1)
+        self.step_stats.drafted += len(draft)
+        self.step_stats.accepted += len(kept) - 1
+        for token in kept:
+            if seq.id not in self._active:
+                break  # finished (EOS, stop string, length) part way through the accepted tokens
+            self._advance(seq, token)
+        self._offer_blocks(seq)
+        return True
+
+    def _offer_blocks(self, seq: _Sequence) -> None:
+        """Offer the sequence's newly full KV blocks to the prefix cache: prompts, and answers for the next turn."""
+        paged = self.paged
+        if not self.engine.prefix_caching or paged is None or seq.seq_id not in paged.cache:
+            return
+        written = paged.cache.length(seq.seq_id)  # positions whose K/V are computed
+        if written // self._kv_block_size > seq.offered:
+            tokens = [*seq.context, *seq.generated[len(seq.request.resume_token_ids) :]]
+            paged.cache.register(seq.seq_id, tokens, written)
+            seq.offered = written // self._kv_block_size
+
+    def _fail(self, seq: _Sequence, exc: Exception) -> None:
+        """A fault of this sequence alone: report it on it and keep serving the others."""
+        if is_context_fault(exc):
+            raise exc
+        log.exception("step failed for %s", seq.id)
+        self._drop(seq)
+        seq.sink(RunnerError(f"model step failed: {type(exc).__name__}"))
 
     def _poison(self, exc: Exception) -> None:
         """The device context is unusable: fail every sequence and step no more until rebuild_session."""
@@ -381,58 +549,30 @@ class TorchRunner:
             self._active.clear()
             self._pending.clear()
             self.paged = None  # its memory is on the broken context; rebuild_session makes a new cache
-            self._reserved = 0
+            self.scheduler = None
         for seq in failing:
             seq.cache = None
             seq.sink(ContextFaultError(self._poisoned))
 
     def _step_one(self, seq: _Sequence) -> None:
-        try:
-            with torch.inference_mode():
-                token = self._next_token(seq)
-        except Exception as exc:  # a fault of this sequence: report it on it, keep serving others
-            if is_context_fault(exc):
-                raise
-            log.exception("step failed for %s", seq.request.request_id)
-            self._drop(seq)
-            seq.sink(RunnerError(f"model step failed: {type(exc).__name__}"))
+        """One unbatched step of a model without a paged forward: prefill, or decode one token."""
+        if seq.id not in self._active:
             return
-        self._advance(seq, token)
-
-    def _decode_batch(self, batch: list[_Sequence]) -> None:
-        assert self.paged is not None
-        try:
-            with torch.inference_mode():
-                logits = self.paged.decode([s.seq_id for s in batch], [s.generated[-1] for s in batch])
-                tokens = [
-                    sample_next(logits[i].float(), seq.request.sampling, seq.generator) for i, seq in enumerate(batch)
-                ]
-        except Exception as exc:
-            if is_context_fault(exc):
-                raise
-            log.exception("batched decode step failed for %d sequences", len(batch))
-            for seq in batch:
-                self._drop(seq)
-                seq.sink(RunnerError(f"model step failed: {type(exc).__name__}"))
-            return
-        for seq, token in zip(batch, tokens, strict=True):
-            self._advance(seq, token)
-
-    def _next_token(self, seq: _Sequence) -> int:
-        """Prefill (paged or not), or one unbatched decode step for models without a paged forward."""
-        if self.paged is not None:  # a resumed sequence prefills its earlier tokens too
-            logits = self.paged.prefill(seq.seq_id, [*seq.request.prompt_token_ids, *seq.generated])
-            return sample_next(logits.float(), seq.request.sampling, seq.generator)
         from transformers import DynamicCache
 
-        if seq.cache is None:
-            seq.cache = DynamicCache()
-            ids = torch.tensor([[*seq.request.prompt_token_ids, *seq.generated]], dtype=torch.long, device=self.device)
-        else:
-            ids = torch.tensor([[seq.generated[-1]]], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, past_key_values=seq.cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[0, -1].float()
-        return sample_next(logits, seq.request.sampling, seq.generator)
+        try:
+            with torch.inference_mode():
+                if seq.cache is None:
+                    seq.cache = DynamicCache()
+                    ids = torch.tensor([seq.context], dtype=torch.long, device=self.device)
+                else:
+                    ids = torch.tensor([[seq.generated[-1]]], dtype=torch.long, device=self.device)
+                out = self.model(input_ids=ids, past_key_values=seq.cache, use_cache=True, logits_to_keep=1)
+                token = sample_next(out.logits[0, -1].float(), seq.request.sampling, seq.generator)
+        except Exception as exc:
+            self._fail(seq, exc)
+            return
+        self._advance(seq, token)
 
     def _advance(self, seq: _Sequence, token: int) -> None:
         seq.generated.append(token)
@@ -460,14 +600,18 @@ class TorchRunner:
         )
 
     def _finish(self, seq: _Sequence, reason: FinishReason, text: str, token: int | None = None) -> None:
+        if reason is not FinishReason.ABORT:
+            self._offer_blocks(seq)
         self._drop(seq)
         seq.sink(self._chunk(seq, (token,) if token is not None else (), text, reason))
 
     def _drop(self, seq: _Sequence) -> None:
+        """Forget a sequence: its scheduler slot, reservation and KV blocks are returned (step thread only)."""
         with self._cond:
-            if self._active.pop(seq.request.request_id, None) is not None and self.paged is not None:
-                if seq.seq_id in self.paged.cache:
-                    self.paged.free(seq.seq_id)
-                self._reserved -= seq.blocks
+            self._active.pop(seq.id, None)
             self._cond.notify_all()
+        if self.scheduler is not None:
+            self.scheduler.abort(seq.id)
+        if self.paged is not None and seq.seq_id in self.paged.cache:
+            self.paged.free(seq.seq_id)
         seq.cache = None

@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,3 +127,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     yield s
     if s.proc.poll() is None:
         stop_stack(s)
+
+
+def engine_url(stack: Stack, deployment: str) -> str:
+    for line in stack.output().splitlines():
+        if f"engine {deployment}/0 listening on" in line:
+            return "http://" + line.rsplit(" ", 1)[1]
+    raise AssertionError("engine address not in the launcher log")
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, err.read().decode()
+
+
+def metric(url: str, name: str) -> float:
+    _, text = get(url + "/metrics")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
