@@ -51,8 +51,10 @@ endif
 e2e: venv-test k8s ## cluster end to end against the test control plane (or: make e2e KUBECONFIG=path)
 	$(E2E_ENV) $(PY) -m pytest e2e $(PYTEST_ARGS)
 
-bench: venv-test ## run the benchmarks (prints tables; record results in bench/RESULTS.md)
+bench: ## run the benchmarks (prints tables; record results in bench/RESULTS.md)
+	@scripts/bootstrap.sh torch,test,operator,bench
 	$(PY) bench/decode_throughput.py
+	$(PY) bench/llamacpp_compare.py
 
 clean: ## remove build outputs (keeps the caches outside the repo)
 	rm -rf build .mypy_cache .ruff_cache .pytest_cache

