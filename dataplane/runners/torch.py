@@ -98,8 +98,14 @@ class _Sequence:
 
 @dataclass
 class StepStats:
-    """Where the step loop's time goes (read by the engine's metrics and the scheduler-overhead benchmark)."""
+    """Where the step loop's time goes (read by the engine's metrics and the scheduler-overhead benchmark).
 
+    The step thread adds a whole step at once under the lock, so a reader in
+    another thread never sees one step's forward time without its step time.
+    """
+
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    forward_pending: float = 0.0  # forward time of the step in progress (step thread only)
     steps: int = 0
     step_s: float = 0.0  # whole steps, scheduler and bookkeeping included
     forward_s: float = 0.0  # model forwards and sampling
@@ -109,7 +115,19 @@ class StepStats:
     drafted: int = 0  # speculative draft tokens proposed
     accepted: int = 0  # of those, accepted
 
+    def add_step(self, step_s: float, scheduler_s: float) -> None:
+        with self.lock:
+            self.steps += 1
+            self.step_s += step_s
+            self.scheduler_s += scheduler_s
+            self.forward_s += self.forward_pending
+            self.forward_pending = 0.0
+
     def snapshot(self) -> dict[str, float]:
+        with self.lock:
+            return self._values()
+
+    def _values(self) -> dict[str, float]:
         return {
             "steps": self.steps,
             "step_s": self.step_s,
@@ -434,10 +452,7 @@ class TorchRunner:
         completing = time.perf_counter()
         sched.complete(plan)
         ended = time.perf_counter()
-        stats = self.step_stats
-        stats.steps += 1
-        stats.step_s += ended - started
-        stats.scheduler_s += (planned - started) + (ended - completing)
+        self.step_stats.add_step(ended - started, (planned - started) + (ended - completing))
 
     def _prefill_chunk(self, seq: _Sequence, start: int, n: int) -> None:
         assert self.paged is not None
@@ -454,7 +469,7 @@ class TorchRunner:
             self._fail(seq, exc)
             return
         finally:
-            self.step_stats.forward_s += time.perf_counter() - began
+            self.step_stats.forward_pending += time.perf_counter() - began
         self._offer_blocks(seq)
         self._advance(seq, token)
 
@@ -474,7 +489,7 @@ class TorchRunner:
                 tokens = [
                     sample_next(logits[i].float(), seq.request.sampling, seq.generator) for i, seq in enumerate(plain)
                 ]
-            self.step_stats.forward_s += time.perf_counter() - began
+            self.step_stats.forward_pending += time.perf_counter() - began
         except Exception as exc:
             if is_context_fault(exc):
                 raise
@@ -508,7 +523,7 @@ class TorchRunner:
             self._fail(seq, exc)
             return True
         finally:
-            self.step_stats.forward_s += time.perf_counter() - began
+            self.step_stats.forward_pending += time.perf_counter() - began
         kept = accept_greedy(draft, choices)
         cache.truncate(seq.seq_id, length + len(kept))  # K/V of the last sampled token and the accepted drafts
         seq.draft.record(len(draft), len(kept) - 1)
