@@ -44,6 +44,27 @@ def error_body(message: str, *, type: str, param: str | None = None, code: str |
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+PRIORITY_HEADER = "x-modelfleet-priority"
+
+
+def parse_priority(value: str | None) -> int:
+    """The request's scheduling priority from its header (higher first; default 0)."""
+    if value is None or not value.strip():
+        return 0
+    try:
+        priority = int(value)
+    except ValueError:
+        priority = None
+    if priority is None or not -1000 <= priority <= 1000:
+        raise ApiError(
+            400,
+            f"Header {PRIORITY_HEADER} must be an integer from -1000 to 1000, got {value[:40]!r}.",
+            param=PRIORITY_HEADER,
+            code="invalid_priority",
+        )
+    return priority
+
+
 def model_not_found(model: str) -> ApiError:
     return ApiError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
 

@@ -25,10 +25,12 @@ from modelfleet.dataplane.engine.service import EngineService
 from modelfleet.dataplane.engine.worker import EngineWorker
 from modelfleet.dataplane.httpserver import SSE_HEADERS, error_middleware, json_response
 from modelfleet.dataplane.protocol import (
+    PRIORITY_HEADER,
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     parse_json_body,
+    parse_priority,
     unavailable,
     validation_error,
 )
@@ -82,8 +84,9 @@ async def _openai(
         req = model.model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc.errors(include_url=False)) from None
+    priority = parse_priority(request.headers.get(PRIORITY_HEADER))
     service = state.ready_service()
-    prep = await service.prepare(req, request.headers.get("x-request-id"))
+    prep = await service.prepare(req, request.headers.get("x-request-id"), priority)
     if not prep.stream:
         return json_response(await service.complete(prep), headers={"x-request-id": prep.request_id})
     async with aclosing(service.stream(prep)) as events:

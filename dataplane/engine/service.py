@@ -71,7 +71,9 @@ class EngineService:
             ],
         }
 
-    async def prepare(self, req: ChatCompletionRequest | CompletionRequest, request_id: str | None) -> Prepared:
+    async def prepare(
+        self, req: ChatCompletionRequest | CompletionRequest, request_id: str | None, priority: int = 0
+    ) -> Prepared:
         if req.model not in self.spec.served_names():
             raise model_not_found(req.model)
         if isinstance(req, ChatCompletionRequest):
@@ -121,7 +123,9 @@ class EngineService:
             kind=kind,
             request_id=rid,
             model=req.model,
-            sequence=SequenceRequest(request_id=rid, prompt_token_ids=tuple(prompt_ids), sampling=sampling),
+            sequence=SequenceRequest(
+                request_id=rid, prompt_token_ids=tuple(prompt_ids), sampling=sampling, priority=priority
+            ),
             stream=req.stream,
             include_usage=req.wants_usage_in_stream(),
         )

@@ -123,9 +123,9 @@ def create_app(
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         try:
             if req.stream:
-                relayed = await service.forward(endpoint, req, request_id)
+                relayed = await service.forward(endpoint, req, request_id, request.headers)
             else:
-                relayed = await _until_disconnect(request, service.forward(endpoint, req, request_id))
+                relayed = await _until_disconnect(request, service.forward(endpoint, req, request_id, request.headers))
         except ApiError as exc:
             service.count_error(endpoint, exc)
             raise

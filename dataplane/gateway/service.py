@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -13,7 +13,7 @@ import aiohttp
 from modelfleet.dataplane.gateway.metrics import GatewayMetrics
 from modelfleet.dataplane.gateway.routes import DeploymentRoute, RoutingTable
 from modelfleet.dataplane.protocol import ApiError, ChatCompletionRequest, CompletionRequest
-from modelfleet.dataplane.upstream import open_upstream, relay, response_headers
+from modelfleet.dataplane.upstream import open_upstream, relay, request_headers, response_headers
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,13 @@ class GatewayService:
             ],
         }
 
-    async def forward(self, endpoint: str, req: ChatCompletionRequest | CompletionRequest, request_id: str) -> Relayed:
+    async def forward(
+        self,
+        endpoint: str,
+        req: ChatCompletionRequest | CompletionRequest,
+        request_id: str,
+        client_headers: Mapping[str, str] | None = None,
+    ) -> Relayed:
         route = self.table.lookup(req.model)
         payload = req.model_dump(exclude_unset=True, mode="json")
         if req.stream:
@@ -66,7 +72,7 @@ class GatewayService:
             pick,
             endpoint,
             body,
-            {"content-type": "application/json", "x-request-id": request_id},
+            request_headers(client_headers or {}) | {"content-type": "application/json", "x-request-id": request_id},
             retry_budget=len(endpoints) - 1,
             on_retry=lambda url, reason: log.warning("sidecar %s answered %s; trying another", url, reason),
             what=f"deployment {route.name!r}",

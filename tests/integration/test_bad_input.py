@@ -163,3 +163,26 @@ def test_bad_request_does_not_disturb_a_running_stream(stack):
         rest = [line for line in lines if line.startswith("data: ")]
     assert rest[-1] == "data: [DONE]"
     assert '"finish_reason":"length"' in rest[-2]
+
+
+@pytest.mark.parametrize("value", ["high", "1.5", "5000"])
+def test_bad_priority_header_is_a_400_naming_the_header(stack, value):
+    resp = httpx.post(
+        stack.base_url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": OK_MESSAGES, "max_tokens": 1},
+        headers={"x-modelfleet-priority": value},
+        timeout=60,
+    )
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert (err["param"], err["code"]) == ("x-modelfleet-priority", "invalid_priority")
+
+
+def test_priority_header_is_accepted(stack):
+    resp = httpx.post(
+        stack.base_url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": OK_MESSAGES, "max_tokens": 1},
+        headers={"x-modelfleet-priority": "7"},
+        timeout=60,
+    )
+    assert resp.status_code == 200, resp.text

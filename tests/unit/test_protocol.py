@@ -56,3 +56,16 @@ def test_bad_bodies(raw):
     with pytest.raises(ApiError) as err:
         parse_json_body(raw)
     assert err.value.status == 400 and err.value.code == "invalid_json"
+
+
+def test_priority_header_parses_integers_in_range_only() -> None:
+    from modelfleet.dataplane.protocol import ApiError, parse_priority
+
+    assert parse_priority(None) == 0
+    assert parse_priority(" ") == 0
+    assert parse_priority("-3") == -3
+    assert parse_priority("1000") == 1000
+    for bad in ("1001", "x", "2.0"):
+        with pytest.raises(ApiError) as err:
+            parse_priority(bad)
+        assert err.value.status == 400 and err.value.param == "x-modelfleet-priority"
