@@ -1,7 +1,11 @@
 """The engine core of one replica: admission, queueing and backpressure.
 
 The core admits at most ``maxNumSeqs`` sequences into the runner at once; the
-rest wait in arrival order (higher priority first). The queue is bounded twice:
+rest wait, taken by priority (the ``x-modelfleet-priority`` header, higher
+first) plus one for every ``AGING_SECONDS`` waited, then by arrival, so a
+steady stream of high-priority work delays low-priority requests but never
+starves them. The runner's own step scheduler applies the same rule, in steps,
+to the sequences it holds (dataplane/engine/scheduler.py). The queue is bounded twice:
 by requests (``maxQueueLen``) and by tokens (``maxQueueTokens``: each waiting
 request counts its prompt plus its max_tokens, what it will cost once
 admitted). Beyond either bound a new request is refused with a retriable 429
@@ -15,7 +19,6 @@ SGLang) see only admitted sequences, through the worker that supervises them.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -27,12 +30,20 @@ from modelfleet.dataplane.protocol import ApiError, overloaded
 from modelfleet.dataplane.runners.base import SequenceRequest, TokenChunk
 from modelfleet.dataplane.spec import EngineSpec
 
+AGING_SECONDS = 2.0  # a waiting request gains one priority level per this many seconds waited
 
-@dataclass(order=True)
+
+@dataclass
 class _Waiter:
-    sort_key: tuple[int, int]
-    future: asyncio.Future[None] = field(compare=False)
-    tokens: int = field(compare=False, default=0)
+    priority: int
+    arrival: float
+    seq: int
+    future: asyncio.Future[None] = field(repr=False)
+    tokens: int = 0
+
+    def rank(self, now: float) -> tuple[int, float, int]:
+        """Smallest first: highest effective priority, then earliest arrival."""
+        return (-(self.priority + int((now - self.arrival) / AGING_SECONDS)), self.arrival, self.seq)
 
 
 def queue_cost(request: SequenceRequest) -> int:
@@ -100,7 +111,7 @@ class EngineCore:
         if refusal is not None:
             raise refusal
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiting, _Waiter((-priority, next(self._seq)), future, tokens))
+        self._waiting.append(_Waiter(priority, time.monotonic(), next(self._seq), future, tokens))
         self._publish()
         try:
             await future
@@ -113,12 +124,13 @@ class EngineCore:
 
     def _release(self) -> None:
         self._running -= 1
-        while self._waiting:
-            waiter = heapq.heappop(self._waiting)
-            if not waiter.future.done():
-                self._running += 1
-                waiter.future.set_result(None)
-                break
+        self._waiting = [w for w in self._waiting if not w.future.done()]  # drop those whose client left
+        if self._waiting:
+            now = time.monotonic()
+            waiter = min(self._waiting, key=lambda w: w.rank(now))
+            self._waiting.remove(waiter)
+            self._running += 1
+            waiter.future.set_result(None)
         self._publish()
 
     def _publish(self) -> None:

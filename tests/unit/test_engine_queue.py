@@ -111,3 +111,52 @@ async def test_a_client_that_leaves_the_queue_frees_its_tokens() -> None:
     later = await start(core, request("q2", 60, 40))
     runner.release.set()
     await asyncio.gather(running, later)
+
+
+class OrderRunner:
+    """Records the order sequences reach the runner; ``hold`` names one that waits for ``release``."""
+
+    def __init__(self, hold: str) -> None:
+        self.hold = hold
+        self.release = asyncio.Event()
+        self.order: list[str] = []
+
+    async def execute(self, batch: ExecuteBatch) -> AsyncIterator[TokenChunk]:
+        for req in batch.sequences:
+            self.order.append(req.request_id)
+            if req.request_id == self.hold:
+                await self.release.wait()
+            yield TokenChunk(req.request_id, (1,), "x", len(req.prompt_token_ids), 1, FinishReason.LENGTH)
+
+
+def ordered_core(hold: str) -> tuple[EngineCore, OrderRunner]:
+    runner = OrderRunner(hold)
+    metrics = EngineMetrics()
+    core = EngineCore(EngineWorker(runner, metrics), EngineSpec(max_num_seqs=1), metrics)  # type: ignore[arg-type]
+    return core, runner
+
+
+def prioritized(name: str, priority: int) -> SequenceRequest:
+    return SequenceRequest(name, (1, 2), SamplingParams(max_tokens=1), priority=priority)
+
+
+async def test_higher_priority_is_admitted_first() -> None:
+    core, runner = ordered_core(hold="busy")
+    tasks = [await start(core, prioritized("busy", 0))]
+    tasks += [await start(core, prioritized(name, p)) for name, p in (("low", 0), ("high", 5), ("mid", 2))]
+    runner.release.set()
+    await asyncio.gather(*tasks)
+    assert runner.order == ["busy", "high", "mid", "low"]
+
+
+async def test_ageing_lets_a_long_waiting_low_priority_request_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    import modelfleet.dataplane.engine.core as core_module
+
+    monkeypatch.setattr(core_module, "AGING_SECONDS", 0.05)
+    core, runner = ordered_core(hold="busy")
+    tasks = [await start(core, prioritized("busy", 0)), await start(core, prioritized("old-low", 0))]
+    await asyncio.sleep(0.3)  # old-low has aged about 6 levels
+    tasks.append(await start(core, prioritized("new-high", 3)))
+    runner.release.set()
+    await asyncio.gather(*tasks)
+    assert runner.order == ["busy", "old-low", "new-high"]
