@@ -90,9 +90,24 @@ def run_hf(model: Any, prompts: list[list[int]], steps: int) -> tuple[float, lis
         return time.perf_counter() - start, tokens
 
 
-def run_paged(model: Any, prompts: list[list[int]], steps: int, block_size: int) -> tuple[float, list[list[int]]]:
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def build_paged(model: Any, prompts: list[list[int]], steps: int, block_size: int, fmt: str) -> PagedLlama:
     per_seq = -(-(max(len(p) for p in prompts) + steps + 1) // block_size)
-    paged = PagedLlama(model, num_blocks=per_seq * len(prompts), block_size=block_size)
+    quantization, _, kernel = fmt.partition("-")
+    extra = {"int8_kernel": kernel} if kernel else {}
+    return PagedLlama(
+        model, num_blocks=per_seq * len(prompts), block_size=block_size, quantization=quantization, **extra
+    )
+
+
+def run_paged(
+    model: Any, prompts: list[list[int]], steps: int, block_size: int, fmt: str = "none"
+) -> tuple[float, list[list[int]]]:
+    paged = build_paged(model, prompts, steps, block_size, fmt)
     seq_ids = list(range(len(prompts)))
     tokens = [[int(paged.prefill(s, prompts[s]).argmax())] for s in seq_ids]
     _sync(str(paged.device))
@@ -105,6 +120,18 @@ def run_paged(model: Any, prompts: list[list[int]], steps: int, block_size: int)
     return time.perf_counter() - start, tokens
 
 
+def agreement(tokens: list[list[int]], ref: list[list[int]]) -> str:
+    """``streams identical / batch, mean leading tokens identical``."""
+    same = sum(a == b for a, b in zip(tokens, ref, strict=True))
+    lead = []
+    for a, b in zip(tokens, ref, strict=True):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        lead.append(n)
+    return f"{same}/{len(tokens)} {sum(lead) / len(lead):.0f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--steps", type=int, default=128)
@@ -113,9 +140,21 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument(
+        "--contenders", nargs="+", default=["hf", "paged"], choices=["hf", "paged"], help="which loops to time"
+    )
+    parser.add_argument(
+        "--weights-format",
+        nargs="+",
+        default=["none"],
+        help="PagedLlama quantization per paged row: none, int8 (or int8-<kernel>: int8-weight-only, the default, or int8-dynamic)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument(
         "--weights", type=Path, help="a Hugging Face model folder (default: the SmolLM2 GGUF, converted)"
     )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -124,35 +163,56 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype))
     model.to(args.device)
     model.eval()
+    # The reference tokens of every row: the float32 model on the same device, unquantized, paged.
+    ref_model = model
+    if args.dtype != "float32":
+        ref_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device).eval()
     warm = prompt_ids(tokenizer, 2)
-    run_hf(model, warm, 4)
-    run_paged(model, warm, 4, args.block_size)
+    if "hf" in args.contenders:
+        run_hf(model, warm, 4)
+
+    base_rss = rss_mib()
+    formats = args.weights_format if "paged" in args.contenders else []
+    memory = {}
+    for fmt in formats:
+        before = rss_mib()
+        paged = build_paged(model, warm, 4, args.block_size, fmt)
+        memory[fmt] = rss_mib() - before
+        del paged
+        run_paged(model, warm, 4, args.block_size, fmt)
 
     rows = []
     for batch in args.batch:
         prompts = prompt_ids(tokenizer, batch)
-        hf_s, hf_tokens = run_hf(model, prompts, args.steps)
-        paged_s, paged_tokens = run_paged(model, prompts, args.steps, args.block_size)
-        same = sum(a == b for a, b in zip(hf_tokens, paged_tokens, strict=True))
-        rows.append(("hf per-sequence", batch, hf_s, ""))
-        rows.append(("paged batched", batch, paged_s, f"{same}/{batch}"))
-        print(f"batch {batch}: hf {hf_s:.1f} s, paged {paged_s:.1f} s", file=sys.stderr, flush=True)
+        _, ref = run_paged(ref_model, prompts, args.steps, args.block_size)
+        if "hf" in args.contenders:
+            hf_s, hf_tokens = run_hf(model, prompts, args.steps)
+            rows.append(("hf per-sequence", batch, hf_s, agreement(hf_tokens, ref)))
+            print(f"batch {batch}: hf {hf_s:.1f} s", file=sys.stderr, flush=True)
+        for fmt in formats:
+            paged_s, paged_tokens = run_paged(model, prompts, args.steps, args.block_size, fmt)
+            rows.append((f"paged {fmt}", batch, paged_s, agreement(paged_tokens, ref)))
+            print(f"batch {batch}: paged {fmt} {paged_s:.1f} s", file=sys.stderr, flush=True)
 
     print(
         f"\nmachine: {platform.node()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}, "
         f"python {platform.python_version()}, torch {torch.__version__}; steps={args.steps}, "
         f"block_size={args.block_size}, {args.dtype} on {args.device}"
         + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
+        + f"; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     )
+    print(f"resident memory after loading the model: {base_rss:.0f} MiB")
+    for fmt, delta in memory.items():
+        print(f"  PagedLlama {fmt}: +{delta:.0f} MiB")
     print(
-        f"{'contender':<16} {'batch':>5} {'tokens':>7} {'wall s':>8} {'agg tok/s':>10} "
-        f"{'tok/s/stream':>13} {'ms/step':>8} {'same tokens':>12}"
+        f"{'contender':<22} {'batch':>5} {'tokens':>7} {'wall s':>8} {'agg tok/s':>10} "
+        f"{'tok/s/stream':>13} {'ms/step':>8} {'vs fp32 paged':>14}"
     )
     for name, batch, seconds, same_text in rows:
         tokens = batch * args.steps
         print(
-            f"{name:<16} {batch:>5} {tokens:>7} {seconds:>8.2f} {tokens / seconds:>10.1f} "
-            f"{args.steps / seconds:>13.1f} {seconds / args.steps * 1000:>8.1f} {same_text:>12}"
+            f"{name:<22} {batch:>5} {tokens:>7} {seconds:>8.2f} {tokens / seconds:>10.1f} "
+            f"{args.steps / seconds:>13.1f} {seconds / args.steps * 1000:>8.1f} {same_text:>14}"
         )
 
 

@@ -18,6 +18,7 @@ def create_runner(spec: InferenceDeploymentSpec) -> ModelRunner:
             ) from None
         return TorchRunner(
             dtype=spec.model.dtype,
+            quantization=spec.model.quantization,
             device=spec.runtime.device,
             engine=spec.engine,
         )

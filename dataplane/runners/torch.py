@@ -49,7 +49,7 @@ from modelfleet.dataplane.runners.decoding import IncrementalDetokenizer, StopCh
 from modelfleet.dataplane.runners.llama_paged import PagedLlama
 from modelfleet.dataplane.runners.ngram import DraftStats, accept_greedy, propose
 from modelfleet.dataplane.runners.weights import resolve_hf_dir
-from modelfleet.dataplane.spec import Device, DType, EngineSpec, InferenceDeploymentSpec
+from modelfleet.dataplane.spec import Device, DType, EngineSpec, InferenceDeploymentSpec, Quantization
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -162,9 +162,15 @@ class TorchRunner:
     gil_pinned = True
 
     def __init__(
-        self, *, dtype: DType = DType.AUTO, device: Device = Device.AUTO, engine: EngineSpec | None = None
+        self,
+        *,
+        dtype: DType = DType.AUTO,
+        device: Device = Device.AUTO,
+        engine: EngineSpec | None = None,
+        quantization: Quantization = Quantization.NONE,
     ) -> None:
         self._dtype_choice = dtype
+        self._quantization = quantization
         self._device_choice = device
         self.engine = engine or EngineSpec()
         self._kv_blocks = self.engine.kv_blocks()
@@ -227,7 +233,14 @@ class TorchRunner:
         self.paged = None
         self.scheduler = None
         if getattr(model.config, "model_type", "") == "llama":
-            self.paged = PagedLlama(model, num_blocks=self._kv_blocks, block_size=self._kv_block_size)
+            self.paged = PagedLlama(
+                model,
+                num_blocks=self._kv_blocks,
+                block_size=self._kv_block_size,
+                quantization=self._quantization.value,
+            )
+            if self.paged.quantization != Quantization.NONE:
+                log.info("paged forward multiplies by %s weights (quantized at load)", self.paged.quantization)
             self.scheduler = Scheduler(
                 SchedulerConfig(
                     kv_blocks=self._kv_blocks,
@@ -244,6 +257,13 @@ class TorchRunner:
             )
         else:
             log.info("no paged forward for model type %r: one cache per sequence, unbatched", model.config.model_type)
+            if self._quantization is not Quantization.NONE:
+                log.warning(
+                    "quantization %s applies to the paged (Llama) forward only: model type %r runs in %s",
+                    self._quantization.value,
+                    model.config.model_type,
+                    dtype,
+                )
         self.model = model
         self.codec = TorchCodec(tokenizer)
         self._set_progress(f"ready (loaded in {time.monotonic() - started:.1f} s)")
