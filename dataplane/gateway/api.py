@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -30,10 +30,28 @@ from modelfleet.dataplane.protocol import (
     internal_error,
     validation_error,
 )
+from modelfleet.dataplane.spec import RuntimeKind
 from modelfleet.dataplane.upstream import new_session
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+# The runtime segment of a Docker Model Runner path (/engines/{runtime}/v1/...):
+# DMR's backends (clients written for it mostly hard-code llama.cpp) and
+# ModelFleet's runtime kinds. It does not filter deployments: the model does.
+ENGINE_NAMES = frozenset({"llama.cpp", "mlx", "diffusers", *(kind.value for kind in RuntimeKind)})
+
+
+def known_engine(runtime: str) -> None:
+    """A dependency of the /engines/{runtime}/... routes: runs before the body is validated."""
+    if runtime not in ENGINE_NAMES:
+        raise ApiError(
+            404,
+            f"Unknown engine '{runtime}' in /engines/{runtime}/v1/...; known: {', '.join(sorted(ENGINE_NAMES))}.",
+            type="not_found_error",
+            code="engine_not_found",
+        )
 
 
 def _error_response(exc: ApiError) -> JSONResponse:
@@ -141,6 +159,37 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
+        return service.models()
+
+    # Docker Model Runner's paths: /engines/v1/... and /engines/{runtime}/v1/...
+    # reach the same deployments; the model picks the deployment, the runtime
+    # segment only has to be a name DMR or ModelFleet knows (see ENGINE_NAMES).
+    @app.post("/engines/v1/chat/completions", response_model=None, include_in_schema=False)
+    async def dmr_chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+        return await openai(request, "/v1/chat/completions", req)
+
+    @app.post("/engines/v1/completions", response_model=None, include_in_schema=False)
+    async def dmr_completions(req: CompletionRequest, request: Request) -> Response:
+        return await openai(request, "/v1/completions", req)
+
+    @app.get("/engines/v1/models", include_in_schema=False)
+    async def dmr_models() -> dict[str, Any]:
+        return service.models()
+
+    engine = [Depends(known_engine)]
+
+    @app.post(
+        "/engines/{runtime}/v1/chat/completions", response_model=None, include_in_schema=False, dependencies=engine
+    )
+    async def dmr_runtime_chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+        return await openai(request, "/v1/chat/completions", req)
+
+    @app.post("/engines/{runtime}/v1/completions", response_model=None, include_in_schema=False, dependencies=engine)
+    async def dmr_runtime_completions(req: CompletionRequest, request: Request) -> Response:
+        return await openai(request, "/v1/completions", req)
+
+    @app.get("/engines/{runtime}/v1/models", include_in_schema=False, dependencies=engine)
+    async def dmr_runtime_models() -> dict[str, Any]:
         return service.models()
 
     @app.get("/healthz")
