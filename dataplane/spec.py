@@ -11,7 +11,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "modelfleet.io"
@@ -271,6 +271,89 @@ class EngineSpec(SpecModel):
         return max(-(-tokens // self.kv_block_size), -(-self.max_model_len // self.kv_block_size))
 
 
+class RoutingPolicyName(StrEnum):
+    """How a coordinator sidecar picks the replica for a request.
+
+    The sidecar's command line also accepts the snake_case spellings
+    (``round_robin``, ``least_outstanding``, ...); manifests use these names.
+    """
+
+    ROUND_ROBIN = "RoundRobin"
+    LEAST_OUTSTANDING = "LeastOutstanding"
+    POWER_OF_TWO = "PowerOfTwo"
+    PREFIX_AFFINITY = "PrefixAffinity"
+    SESSION_AFFINITY = "SessionAffinity"
+
+    @classmethod
+    def _missing_(cls, value: object) -> RoutingPolicyName | None:
+        if isinstance(value, str):
+            wanted = value.replace("_", "").replace("-", "").lower()
+            for member in cls:
+                if member.value.lower() == wanted:
+                    return member
+        return None
+
+
+class RoutingSpec(SpecModel):
+    """How the coordinator sidecars spread requests over the replicas."""
+
+    policy: Annotated[
+        RoutingPolicyName,
+        Field(
+            description="RoundRobin; LeastOutstanding (fewest requests in flight); PowerOfTwo (the less loaded of "
+            "two random replicas); PrefixAffinity (consistent hashing with bounded loads over the prompt prefix, "
+            "so a repeated prefix finds its KV blocks cached); SessionAffinity (consistent hashing of the "
+            "x-session-id header; a session moves only while its replica is unhealthy)."
+        ),
+    ] = RoutingPolicyName.LEAST_OUTSTANDING
+    prefix_chars: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=1_048_576,
+            description="Characters at the start of the prompt (the chat messages' roles and contents "
+            "concatenated, or the completion prompt) that key PrefixAffinity. Characters, not tokens: the "
+            "sidecar never tokenizes, and equal text gives equal tokens. A shorter prompt is keyed whole.",
+        ),
+    ] = 256
+    load_bound: Annotated[
+        float,
+        Field(
+            ge=1.0,
+            le=100.0,
+            description="Bounded-loads factor c of PrefixAffinity: a replica takes a key only while its load "
+            "is below ceil(c * (total load + 1) / healthy replicas); otherwise the key moves clockwise to the "
+            "next replica on the ring. 1.0 balances strictly; larger values favour cache hits.",
+        ),
+    ] = 1.25
+    prefix_table_entries: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=100_000_000,
+            description="Most prompt prefixes a sidecar remembers (prefix -> replica last used, least recently "
+            "used evicted first); 0 disables the table and leaves the ring alone to decide.",
+        ),
+    ] = 65_536
+    prefix_table_bytes: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=1 << 40,
+            description="Memory budget of that table in bytes: it holds at most this divided by the measured "
+            "cost of one entry (a 16-byte digest and its slots, 400 bytes at most): the default holds 83,886.",
+        ),
+    ] = 32 * 1024 * 1024
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _canonical_policy(cls, value: object) -> object:
+        # the snake_case aliases are for the command line; manifests match the CRD's enum exactly
+        if isinstance(value, str) and value not in {m.value for m in RoutingPolicyName}:
+            raise ValueError(f"must be one of {', '.join(m.value for m in RoutingPolicyName)}")
+        return value
+
+
 class GpuVendor(StrEnum):
     """GPU vendor: picks the extended resource name (nvidia.com/gpu or amd.com/gpu)."""
 
@@ -381,6 +464,7 @@ class InferenceDeploymentSpec(SpecModel):
     replicas: Annotated[int, Field(ge=0, le=1024, description="Number of engine replicas.")] = 1
     engine: Annotated[EngineSpec, Field(description="Engine-core limits per replica.")] = EngineSpec()
     placement: Annotated[PlacementSpec, Field(description="GPU placement constraints.")] = PlacementSpec()
+    routing: Annotated[RoutingSpec, Field(description="How the sidecars pick a replica per request.")] = RoutingSpec()
 
     @model_validator(mode="after")
     def _runtime_fits_source(self) -> Self:

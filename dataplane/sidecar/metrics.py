@@ -10,7 +10,11 @@ class SidecarMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.routed = Counter(
-            "modelfleet_sidecar_routed_total", "Requests sent to a replica", ["peer_index"], registry=r
+            "modelfleet_sidecar_routed_total",
+            "Requests sent to a replica, by policy and by why the policy chose it "
+            "(owner, remembered, overflow, failover, no_key, no_session, least_loaded, sampled, turn)",
+            ["policy", "peer_index", "reason"],
+            registry=r,
         )
         self.retries = Counter(
             "modelfleet_sidecar_retries_total", "Unstarted requests retried on another replica", ["reason"], registry=r
@@ -20,4 +24,34 @@ class SidecarMetrics:
         )
         self.healthy_peers = Gauge(
             "modelfleet_sidecar_healthy_peers", "Replicas currently considered healthy", registry=r
+        )
+        self.ejections = Counter(
+            "modelfleet_sidecar_ejections_total",
+            "Replicas taken out of routing, by cause (not_ready, health_check, connect)",
+            ["peer_index", "cause"],
+            registry=r,
+        )
+        self.readmissions = Counter(
+            "modelfleet_sidecar_readmissions_total",
+            "Ejected replicas that passed a health check again",
+            ["peer_index"],
+            registry=r,
+        )
+        self.peer_load = Gauge(
+            "modelfleet_sidecar_peer_load",
+            "Requests in flight at a replica, as the sidecar sees it",
+            ["peer_index"],
+            registry=r,
+        )
+        self.peer_queued = Gauge(
+            "modelfleet_sidecar_peer_queued", "Requests waiting at a replica (its /load)", ["peer_index"], registry=r
+        )
+        self.peer_kv_usage = Gauge(
+            "modelfleet_sidecar_peer_kv_usage",
+            "Fraction of a replica's KV blocks in use (its /load)",
+            ["peer_index"],
+            registry=r,
+        )
+        self.prefix_table_entries = Gauge(
+            "modelfleet_sidecar_prefix_table_entries", "Prompt prefixes the PrefixAffinity table remembers", registry=r
         )

@@ -1,68 +1,249 @@
-"""Replica choice: a small policy protocol and a registry keyed by name.
+"""Replica choice: small policy classes behind one interface, and a registry by name.
 
-Each policy sees the same ``Peer`` view (outstanding requests this sidecar has
-sent, health) and returns one peer or None. More policies (power of two,
-prefix affinity, session affinity) plug in here.
+Every policy sees the same ``Peer`` view (load, health) and a ``RequestInfo``
+(the prompt-prefix key and the session id), skips unhealthy and excluded
+peers (those a retry already tried), and returns one peer or None. After a
+pick, ``last_reason`` says why that peer (a metric label; the sidecar is one
+asyncio thread, so nothing interleaves between the pick and the read).
+
+Policies, as the spec names them (``spec.routing.policy``):
+
+- RoundRobin: the eligible peers in turn.
+- LeastOutstanding: the lowest ``Peer.load``; ties in turn.
+- PowerOfTwo: two distinct random eligible peers, the lower load of the two
+  (ties: the first drawn). Seedable for tests.
+- PrefixAffinity: consistent hashing with bounded loads over a digest of the
+  prompt's first ``prefixChars`` characters, so requests that share a prefix
+  meet its KV blocks in one replica's prefix cache. A peer may take a key only
+  while ``load + 1 <= ceil(c * (total load + 1) / eligible peers)``; the first
+  peer clockwise under that bound takes it. A table remembers each prefix's home
+  (the peer a table hit or the ring owner gave it) so it stays put when peers
+  join; a detour for load does not rewrite the home. No prompt: LeastOutstanding.
+- SessionAffinity: the ``x-session-id`` header hashed onto the same kind of
+  ring, strictly: a session stays on its owner whatever the load (its turns
+  share the conversation prefix, and every sidecar agrees on the owner) and
+  moves clockwise only while the owner is unhealthy or was just tried; it comes
+  back once the owner is re-admitted. No header: LeastOutstanding.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Protocol
 
+from modelfleet.dataplane.sidecar.hashring import HashRing
+from modelfleet.dataplane.sidecar.peers import Peer
+from modelfleet.dataplane.sidecar.prefix_table import PrefixTable, prefix_digest
+from modelfleet.dataplane.spec import RoutingPolicyName, RoutingSpec
 
-@dataclass
-class Peer:
-    """One engine replica as this sidecar sees it."""
+__all__ = [
+    "NO_INFO",
+    "POLICIES",
+    "LeastOutstanding",
+    "Peer",
+    "PowerOfTwo",
+    "PrefixAffinity",
+    "RequestInfo",
+    "RoundRobin",
+    "RoutingPolicy",
+    "RoutingPolicyName",
+    "SessionAffinity",
+    "make_policy",
+    "policy_choices",
+]
 
-    url: str
-    outstanding: int = 0
-    healthy: bool = True
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What affinity policies key on; built once per request by the coordinator."""
+
+    prefix_key: bytes | None = None  # 16-byte digest of the prompt's first prefixChars characters
+    session_id: str | None = None  # the x-session-id header
 
 
-class RoutingPolicyName(StrEnum):
-    ROUND_ROBIN = "round_robin"
-    LEAST_OUTSTANDING = "least_outstanding"
+NO_INFO = RequestInfo()
 
 
 class RoutingPolicy(Protocol):
-    def pick(self, peers: Sequence[Peer], exclude: set[str]) -> Peer | None: ...
+    name: RoutingPolicyName
+    prefix_chars: int | None  # how much of the prompt keys this policy; None: it never looks at the prompt
+    last_reason: str
+
+    def pick(self, peers: Sequence[Peer], info: RequestInfo, exclude: set[str]) -> Peer | None: ...
+
+
+def _eligible(peers: Sequence[Peer], exclude: set[str]) -> list[Peer]:
+    return [p for p in peers if p.healthy and p.url not in exclude]
 
 
 class RoundRobin:
+    name = RoutingPolicyName.ROUND_ROBIN
+    prefix_chars: int | None = None
+
     def __init__(self) -> None:
         self._counter = itertools.count()
+        self.last_reason = "turn"
 
-    def pick(self, peers: Sequence[Peer], exclude: set[str]) -> Peer | None:
-        candidates = [p for p in peers if p.healthy and p.url not in exclude]
+    def pick(self, peers: Sequence[Peer], info: RequestInfo, exclude: set[str]) -> Peer | None:
+        candidates = _eligible(peers, exclude)
         if not candidates:
             return None
         return candidates[next(self._counter) % len(candidates)]
 
 
 class LeastOutstanding:
-    """Fewest requests in flight; ties broken round-robin so load spreads evenly."""
+    """Lowest load; ties taken in turn so equal replicas share the work evenly."""
+
+    name = RoutingPolicyName.LEAST_OUTSTANDING
+    prefix_chars: int | None = None
 
     def __init__(self) -> None:
         self._counter = itertools.count()
+        self.last_reason = "least_loaded"
 
-    def pick(self, peers: Sequence[Peer], exclude: set[str]) -> Peer | None:
-        candidates = [p for p in peers if p.healthy and p.url not in exclude]
+    def pick(self, peers: Sequence[Peer], info: RequestInfo, exclude: set[str]) -> Peer | None:
+        candidates = _eligible(peers, exclude)
         if not candidates:
             return None
-        low = min(p.outstanding for p in candidates)
-        tied = [p for p in candidates if p.outstanding == low]
+        low = min(p.load for p in candidates)
+        tied = [p for p in candidates if p.load == low]
         return tied[next(self._counter) % len(tied)]
 
 
-POLICIES: dict[RoutingPolicyName, Callable[[], RoutingPolicy]] = {
-    RoutingPolicyName.ROUND_ROBIN: RoundRobin,
-    RoutingPolicyName.LEAST_OUTSTANDING: LeastOutstanding,
+class PowerOfTwo:
+    """Two random choices: nearly the balance of LeastOutstanding, without herding on stale loads."""
+
+    name = RoutingPolicyName.POWER_OF_TWO
+    prefix_chars: int | None = None
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._rng = random.Random(seed)
+        self.last_reason = "sampled"
+
+    def pick(self, peers: Sequence[Peer], info: RequestInfo, exclude: set[str]) -> Peer | None:
+        candidates = _eligible(peers, exclude)
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+        a, b = self._rng.sample(candidates, 2)
+        return a if a.load <= b.load else b
+
+
+class _RingCache:
+    """The ring of the current peer URLs, rebuilt only when that set changes."""
+
+    def __init__(self) -> None:
+        self._ring = HashRing(())
+
+    def get(self, peers: Sequence[Peer]) -> HashRing:
+        urls = tuple(sorted({p.url for p in peers}))
+        if urls != self._ring.urls:
+            self._ring = HashRing(urls)
+        return self._ring
+
+
+class PrefixAffinity:
+    name = RoutingPolicyName.PREFIX_AFFINITY
+
+    def __init__(
+        self, prefix_chars: int = 256, load_bound: float = 1.25, table_entries: int = 65_536, table_bytes: int = 1 << 25
+    ) -> None:
+        if load_bound < 1.0:
+            raise ValueError("load_bound must be >= 1")
+        self.prefix_chars: int | None = prefix_chars
+        self.load_bound = load_bound
+        self.table = PrefixTable(table_entries, table_bytes)
+        self._rings = _RingCache()
+        self._fallback = LeastOutstanding()
+        self.last_reason = "no_key"
+
+    def bound(self, eligible: Sequence[Peer]) -> int:
+        """Most load a peer may carry and still take a key (the bounded-loads capacity)."""
+        total = sum(p.load for p in eligible)
+        return math.ceil(self.load_bound * (total + 1) / len(eligible))
+
+    def pick(self, peers: Sequence[Peer], info: RequestInfo, exclude: set[str]) -> Peer | None:
+        eligible = _eligible(peers, exclude)
+        key = info.prefix_key
+        if not eligible or key is None:
+            self.last_reason = "no_key"
+            return self._fallback.pick(peers, info, exclude)
+        by_url = {p.url: p for p in eligible}
+        cap = self.bound(eligible)
+        home = self.table.get(key)
+        peer = by_url.get(home) if home is not None else None
+        if peer is not None and peer.load + 1 <= cap:
+            self.last_reason = "remembered"
+            return peer
+        for i, url in enumerate(self._rings.get(peers).walk(key)):
+            peer = by_url.get(url)
+            if peer is not None and peer.load + 1 <= cap:
+                if i == 0:
+                    self.last_reason = "owner"
+                    self.table.put(key, url)
+                else:
+                    self.last_reason = "overflow"
+                return peer
+        # unreachable while loads are consistent (some eligible peer is always under the bound)
+        self.last_reason = "overflow"
+        return self._fallback.pick(peers, info, exclude)
+
+
+class SessionAffinity:
+    name = RoutingPolicyName.SESSION_AFFINITY
+    prefix_chars: int | None = None
+
+    def __init__(self) -> None:
+        self._rings = _RingCache()
+        self._fallback = LeastOutstanding()
+        self.last_reason = "no_session"
+
+    def pick(self, peers: Sequence[Peer], info: RequestInfo, exclude: set[str]) -> Peer | None:
+        if info.session_id is None:
+            self.last_reason = "no_session"
+            return self._fallback.pick(peers, info, exclude)
+        eligible = {p.url: p for p in _eligible(peers, exclude)}
+        key = session_digest(info.session_id)
+        for i, url in enumerate(self._rings.get(peers).walk(key)):
+            if url in eligible:
+                self.last_reason = "owner" if i == 0 else "failover"
+                return eligible[url]
+        return None
+
+
+def session_digest(session_id: str) -> bytes:
+    """Where a session sits on the ring (kept apart from prompt digests by a tag)."""
+    return prefix_digest("session\0" + session_id)
+
+
+POLICIES: dict[RoutingPolicyName, Callable[[RoutingSpec, int | None], RoutingPolicy]] = {
+    RoutingPolicyName.ROUND_ROBIN: lambda spec, seed: RoundRobin(),
+    RoutingPolicyName.LEAST_OUTSTANDING: lambda spec, seed: LeastOutstanding(),
+    RoutingPolicyName.POWER_OF_TWO: lambda spec, seed: PowerOfTwo(seed),
+    RoutingPolicyName.PREFIX_AFFINITY: lambda spec, seed: PrefixAffinity(
+        spec.prefix_chars, spec.load_bound, spec.prefix_table_entries, spec.prefix_table_bytes
+    ),
+    RoutingPolicyName.SESSION_AFFINITY: lambda spec, seed: SessionAffinity(),
 }
 
 
-def make_policy(name: RoutingPolicyName) -> RoutingPolicy:
-    return POLICIES[name]()
+def make_policy(choice: RoutingPolicyName | str | RoutingSpec, *, seed: int | None = None) -> RoutingPolicy:
+    """A policy from the spec's routing section, or from a name alone (its other fields defaulted).
+
+    A name may be the spec's (``PrefixAffinity``) or the command line's snake_case (``prefix_affinity``).
+    """
+    spec = choice if isinstance(choice, RoutingSpec) else RoutingSpec(policy=RoutingPolicyName(choice))
+    return POLICIES[spec.policy](spec, seed)
+
+
+def policy_choices() -> list[str]:
+    """Every name the command line accepts: the spec's names and their snake_case aliases."""
+    snake = [_snake(m.value) for m in RoutingPolicyName]
+    return [m.value for m in RoutingPolicyName] + snake
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() and i else c.lower() for i, c in enumerate(name))

@@ -1,7 +1,12 @@
 """The coordinator: keeps a view of the replicas and forwards requests to one.
 
-Health is polled from each replica's /readyz; a replica that refuses a
-connection is ejected at once and re-admitted when /readyz answers again.
+Every ``health_interval_s`` (0.5 s while some replica is down) each replica's
+/readyz is checked, and a ready one's /load read into its load view
+(``peers.py`` says how ejection and re-admission follow from the checks). A
+replica that refuses a connection while a request is forwarded is ejected at
+once. Requests that have not streamed a byte are retried on another replica
+within the retry budget (``upstream.open_upstream``); the policy sees the
+replicas already tried as excluded.
 """
 
 from __future__ import annotations
@@ -13,10 +18,14 @@ from collections.abc import Sequence
 import aiohttp
 
 from modelfleet.dataplane.sidecar.metrics import SidecarMetrics
-from modelfleet.dataplane.sidecar.routing import Peer, RoutingPolicy
+from modelfleet.dataplane.sidecar.peers import CheckResult, Peer
+from modelfleet.dataplane.sidecar.request_key import request_info
+from modelfleet.dataplane.sidecar.routing import PrefixAffinity, RequestInfo, RoutingPolicy
 from modelfleet.dataplane.upstream import Attempt, open_upstream
 
 log = logging.getLogger(__name__)
+
+CHECK_TIMEOUT = aiohttp.ClientTimeout(total=2)
 
 
 class Coordinator:
@@ -29,66 +38,119 @@ class Coordinator:
         *,
         retry_budget: int = 2,
         health_interval_s: float = 2.0,
+        eject_after: int = 3,
     ) -> None:
         self.deployment = deployment
-        self.peers = [Peer(url.rstrip("/"), healthy=False) for url in peer_urls]
         self.policy = policy
         self.metrics = metrics
         self.retry_budget = retry_budget
         self.health_interval_s = health_interval_s
+        self.eject_after = eject_after
         self.session: aiohttp.ClientSession | None = None
+        self.peers: list[Peer] = []
+        self._index: dict[str, int] = {}
+        self.set_peers(peer_urls)
+
+    def set_peers(self, peer_urls: Sequence[str]) -> None:
+        """Replaces the peer set (peer discovery); known peers keep their state, new ones start not ready."""
+        known = {p.url: p for p in self.peers}
+        urls = list(dict.fromkeys(url.rstrip("/") for url in peer_urls))
+        self.peers = [known.get(url) or Peer(url, healthy=False) for url in urls]
         self._index = {p.url: i for i, p in enumerate(self.peers)}
 
     def replica_index(self, url: str) -> int:
         return self._index[url]
 
-    def _peer(self, url: str) -> Peer:
-        return self.peers[self._index[url]]
+    def _peer(self, url: str) -> Peer | None:
+        i = self._index.get(url)
+        return self.peers[i] if i is not None else None
 
     def ready(self) -> bool:
         return any(p.healthy for p in self.peers)
 
     async def health_loop(self) -> None:
-        assert self.session is not None
         while True:
-            await asyncio.gather(*(self._check(p) for p in self.peers))
-            self.metrics.healthy_peers.set(sum(p.healthy for p in self.peers))
+            await self.check_all()
             all_up = all(p.healthy for p in self.peers)
             await asyncio.sleep(self.health_interval_s if all_up else min(self.health_interval_s, 0.5))
+
+    async def check_all(self) -> None:
+        """One round of health checks and load polls over every peer."""
+        await asyncio.gather(*(self._check(p) for p in self.peers))
+        m = self.metrics
+        m.healthy_peers.set(sum(p.healthy for p in self.peers))
+        for peer in self.peers:
+            index = str(self._index[peer.url])
+            m.peer_load.labels(peer_index=index).set(peer.load)
+            m.peer_queued.labels(peer_index=index).set(peer.queued)
+            if peer.kv_usage is not None:
+                m.peer_kv_usage.labels(peer_index=index).set(peer.kv_usage)
+        if isinstance(self.policy, PrefixAffinity):
+            m.prefix_table_entries.set(len(self.policy.table))
 
     async def _check(self, peer: Peer) -> None:
         assert self.session is not None
         try:
-            async with self.session.get(peer.url + "/readyz", timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                ok = resp.status == 200
+            async with self.session.get(peer.url + "/readyz", timeout=CHECK_TIMEOUT) as resp:
+                result = {200: CheckResult.READY, 503: CheckResult.NOT_READY}.get(resp.status, CheckResult.FAILED)
+            if result is CheckResult.READY:
+                await self._poll_load(peer)
         except (aiohttp.ClientError, TimeoutError):
-            ok = False
-        if ok and not peer.healthy:
+            result = CheckResult.FAILED
+        self._apply_check(peer, result)
+
+    async def _poll_load(self, peer: Peer) -> None:
+        """The engine's load view; a replica without /load (another runtime) keeps routing on outstanding."""
+        assert self.session is not None
+        try:
+            async with self.session.get(peer.url + "/load", timeout=CHECK_TIMEOUT) as resp:
+                if resp.status == 200:
+                    peer.observe_load(await resp.json())
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            pass
+
+    def _apply_check(self, peer: Peer, result: CheckResult) -> None:
+        change = peer.observe_check(result, self.eject_after)
+        if peer.url not in self._index:  # removed from the peer set while being checked
+            return
+        index = str(self._index[peer.url])
+        if change == "admitted":
             log.info("replica %s is ready", peer.url)
-        elif not ok and peer.healthy:
-            log.warning("replica %s is not ready; ejected", peer.url)
-        peer.healthy = ok
+            self.metrics.readmissions.labels(peer_index=index).inc()
+        elif change == "ejected":
+            cause = "not_ready" if result is CheckResult.NOT_READY else "health_check"
+            log.warning("replica %s ejected (%s)", peer.url, cause)
+            self.metrics.ejections.labels(peer_index=index, cause=cause).inc()
+
+    def request_info(self, body: bytes, headers: dict[str, str]) -> RequestInfo:
+        return request_info(body, headers, self.policy.prefix_chars)
 
     async def forward(self, path: str, body: bytes, headers: dict[str, str]) -> Attempt:
         """Open a response from some replica. The caller calls ``end(url)`` when done."""
         assert self.session is not None
-        picked: list[str] = []
+        info = self.request_info(body, headers)
+        picked: list[Peer] = []
+        reasons: dict[str, str] = {}
 
         def pick(exclude: set[str]) -> str | None:
-            peer = self.policy.pick(self.peers, exclude)
+            peer = self.policy.pick(self.peers, info, exclude)
             if peer is None:
                 return None
             peer.outstanding += 1
-            picked.append(peer.url)
+            picked.append(peer)
+            reasons[peer.url] = self.policy.last_reason
             return peer.url
 
         def on_retry(url: str, reason: str) -> None:
             self.metrics.retries.labels(reason=reason if reason in {"connect", "429", "503"} else "other").inc()
-            peer = self._peer(url)
+            peer = next(p for p in picked if p.url == url)
             peer.outstanding -= 1
-            picked.remove(url)
-            if reason == "connect":
-                peer.healthy = False
+            picked.remove(peer)
+            if reason == "connect" and peer.healthy:
+                peer.eject()
+                log.warning("replica %s refused a connection; ejected", url)
+                if url in self._index:
+                    self.metrics.ejections.labels(peer_index=str(self._index[url]), cause="connect").inc()
 
         try:
             attempt = await open_upstream(
@@ -102,11 +164,17 @@ class Coordinator:
                 what=f"deployment {self.deployment!r}",
             )
         except BaseException:
-            for url in picked:
-                self._peer(url).outstanding -= 1
+            for peer in picked:
+                peer.outstanding -= 1
             raise
-        self.metrics.routed.labels(peer_index=str(self._index[attempt.url])).inc()
+        self.metrics.routed.labels(
+            policy=self.policy.name.value,
+            peer_index=str(self._index.get(attempt.url, -1)),
+            reason=reasons.get(attempt.url, ""),
+        ).inc()
         return attempt
 
     def end(self, url: str) -> None:
-        self._peer(url).outstanding -= 1
+        peer = self._peer(url)
+        if peer is not None:
+            peer.outstanding -= 1
