@@ -1,0 +1,147 @@
+"""A real sidecar app and Coordinator in front of three tiny aiohttp servers on loopback.
+
+The servers stand in for engines so the routing can be observed, not to fake
+a model: each answers /readyz, /load and /v1/chat/completions with a fixed
+body carrying its own name, and keeps the set of prompt prefixes it has seen,
+a stand-in for the engine's prefix cache (a repeat is a "hit").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from modelfleet.dataplane.sidecar.api import build_app
+from modelfleet.dataplane.sidecar.metrics import SidecarMetrics
+from modelfleet.dataplane.sidecar.request_key import prompt_prefix
+from modelfleet.dataplane.sidecar.routing import make_policy
+from modelfleet.dataplane.sidecar.service import Coordinator
+
+
+@dataclass
+class StandIn:
+    name: str
+    seen: set[str] = field(default_factory=set)
+    hits: int = 0
+    served: int = 0
+    url: str = ""
+    runner: web.AppRunner | None = None
+
+    async def chat(self, request: web.Request) -> web.Response:
+        prefix = prompt_prefix(await request.read(), 256) or ""
+        self.hits += prefix in self.seen
+        self.seen.add(prefix)
+        self.served += 1
+        return web.json_response({"object": "chat.completion", "served_by": self.name})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ready"})
+
+    async def load(self, request: web.Request) -> web.Response:
+        return web.json_response({"running": 0, "queued": 0, "ready": True})
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/load", self.load)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+async def start_sidecar(policy: str, engines: list[StandIn]) -> tuple[web.AppRunner, str, Coordinator]:
+    coord = Coordinator("t", [e.url for e in engines], make_policy(policy), SidecarMetrics(), health_interval_s=0.05)
+    runner = web.AppRunner(build_app(coord))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    for _ in range(200):
+        if all(p.healthy for p in coord.peers):
+            break
+        await asyncio.sleep(0.02)
+    return runner, url, coord
+
+
+@pytest.fixture
+async def engines() -> AsyncIterator[list[StandIn]]:
+    servers = [StandIn(f"engine-{i}") for i in range(3)]
+    for s in servers:
+        await s.start()
+    yield servers
+    for s in servers:
+        if s.runner is not None:
+            await s.stop()
+
+
+SYSTEM_PROMPTS = [
+    f"You are assistant number {i}. " + "Follow the house style guide closely. " * 8 for i in range(5)
+]  # not a multiple of 3
+
+
+def body(system: str, user: str) -> dict[str, object]:
+    return {"model": "m", "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
+
+
+async def run_workload(sidecar: str) -> list[str]:
+    """Five shared system prompts, six questions each, interleaved; returns who served each."""
+    served_by = []
+    async with aiohttp.ClientSession() as client:
+        for q in range(6):
+            for system in SYSTEM_PROMPTS:
+                async with client.post(sidecar + "/v1/chat/completions", json=body(system, f"question {q}")) as resp:
+                    assert resp.status == 200
+                    served_by.append(json.loads(await resp.read())["served_by"])
+    return served_by
+
+
+@pytest.mark.parametrize("policy", ["PrefixAffinity", "RoundRobin"])
+async def test_prefix_affinity_concentrates_cache_hits(engines, policy):
+    runner, sidecar, _ = await start_sidecar(policy, engines)
+    try:
+        served_by = await run_workload(sidecar)
+    finally:
+        await runner.cleanup()
+    per_prompt = [set(served_by[i :: len(SYSTEM_PROMPTS)]) for i in range(len(SYSTEM_PROMPTS))]
+    hits = sum(e.hits for e in engines)
+    if policy == "PrefixAffinity":
+        assert all(len(s) == 1 for s in per_prompt)  # a repeated prefix always meets the same server
+        assert len(set(served_by)) >= 2  # different prefixes spread
+        assert hits == 30 - len(SYSTEM_PROMPTS)  # only each prompt's first request misses
+    else:
+        assert hits == 30 - 3 * len(SYSTEM_PROMPTS)  # turns take every prompt cold to each of the three
+
+
+async def test_an_engine_that_goes_away_is_ejected_and_its_prefixes_move(engines):
+    runner, sidecar, coord = await start_sidecar("PrefixAffinity", engines)
+    try:
+        async with aiohttp.ClientSession() as client:
+            first = await client.post(sidecar + "/v1/chat/completions", json=body(SYSTEM_PROMPTS[0], "q"))
+            home = json.loads(await first.read())["served_by"]
+            gone = next(e for e in engines if e.name == home)
+            await gone.stop()
+            gone.runner = None
+            # the next request is retried on another engine before a byte is sent; the dead one is ejected
+            again = await client.post(sidecar + "/v1/chat/completions", json=body(SYSTEM_PROMPTS[0], "q2"))
+            assert again.status == 200
+            assert json.loads(await again.read())["served_by"] != home
+            assert not coord.peers[coord.replica_index(gone.url)].healthy
+            metrics = await (await client.get(sidecar + "/metrics")).text()
+    finally:
+        await runner.cleanup()
+    assert 'modelfleet_sidecar_ejections_total{cause="connect"' in metrics
+    assert 'modelfleet_sidecar_retries_total{reason="connect"} 1.0' in metrics
+    assert 'policy="PrefixAffinity"' in metrics and 'reason="owner"' in metrics
