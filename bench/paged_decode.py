@@ -12,11 +12,17 @@ tokens after its prefill:
 Only the decode steps are timed (prefills run before the clock starts).
 
     .venv/bin/python bench/paged_decode.py [--steps 128] [--batch 1 4 8 16] [--block-size 16] \
-        [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--weights DIR]
+        [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--weights DIR] \
+        [--contenders hf paged] [--weights-format none int8 int8-dynamic] [--threads N]
+
+``--contenders paged`` times only the paged rows; ``--weights-format none int8``
+adds a paged row per weight format (``PagedLlama(quantization=...)``;
+``int8-dynamic`` picks the int8 x int8 kernel instead of the weight-only one).
 
 Prints one row per (contender, batch): aggregate decode tokens/s, per-stream
-tokens/s, ms per step, and for the paged rows how many streams produced
-exactly the tokens of the per-sequence loop.
+tokens/s, ms per step, and agreement with the float32 unquantized paged forward
+on the same prompts: ``streams whose tokens all match / batch`` and the mean
+number of leading tokens that match (of steps + 1, the first from the prefill).
 """
 
 from __future__ import annotations
@@ -90,9 +96,18 @@ def run_hf(model: Any, prompts: list[list[int]], steps: int) -> tuple[float, lis
         return time.perf_counter() - start, tokens
 
 
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def memory_mib() -> str:
+    """This process's resident memory: anonymous (copies, caches) and file-backed (the mmapped safetensors)."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                fields[key] = int(value.split()[0]) // 1024
+    return (
+        f"RSS {fields.get('VmRSS')} MiB (anonymous {fields.get('RssAnon')}, file {fields.get('RssFile')}), "
+        f"peak {fields.get('VmHWM')} MiB"
+    )
 
 
 def build_paged(model: Any, prompts: list[list[int]], steps: int, block_size: int, fmt: str) -> PagedLlama:
@@ -171,14 +186,8 @@ def main() -> None:
     if "hf" in args.contenders:
         run_hf(model, warm, 4)
 
-    base_rss = rss_mib()
     formats = args.weights_format if "paged" in args.contenders else []
-    memory = {}
     for fmt in formats:
-        before = rss_mib()
-        paged = build_paged(model, warm, 4, args.block_size, fmt)
-        memory[fmt] = rss_mib() - before
-        del paged
         run_paged(model, warm, 4, args.block_size, fmt)
 
     rows = []
@@ -201,9 +210,7 @@ def main() -> None:
         + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
         + f"; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     )
-    print(f"resident memory after loading the model: {base_rss:.0f} MiB")
-    for fmt, delta in memory.items():
-        print(f"  PagedLlama {fmt}: +{delta:.0f} MiB")
+    print(f"memory at the end: {memory_mib()} (run one format per process to compare formats)")
     print(
         f"{'contender':<22} {'batch':>5} {'tokens':>7} {'wall s':>8} {'agg tok/s':>10} "
         f"{'tok/s/stream':>13} {'ms/step':>8} {'vs fp32 paged':>14}"
