@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from modelfleet.dataplane.manifest import ManifestError
+from modelfleet.dataplane.sidecar.routing import RoutingPolicyName, policy_choices
 
 DEFAULT_MANIFEST = Path("examples/smollm2-local.yaml")
 
@@ -36,6 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every replica")
+    up.add_argument(
+        "--restart",
+        choices=["on-failure", "never"],
+        default="on-failure",
+        help="a child that exits once the stack is up: start it again with backoff (default), or stop the stack",
+    )
+    up.add_argument(
+        "--restart-backoff",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="delay before restarting a child; doubles with each failure in a row, up to 30 s (default 1)",
+    )
 
     engine = sub.add_parser("engine", help="run one engine replica")
     engine.add_argument("-f", "--file", type=Path, required=True, help="manifest (or the operator's ConfigMap file)")
@@ -44,9 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     _server_flags(engine)
 
     sidecar = sub.add_parser("sidecar", help="run a coordinator sidecar")
+    sidecar.add_argument("-f", "--file", type=Path, help="manifest: the routing policy comes from its spec.routing")
     sidecar.add_argument("--deployment", required=True)
     sidecar.add_argument("--peer", action="append", default=[], help="engine URL (repeat)")
-    sidecar.add_argument("--policy", default="least_outstanding", choices=["least_outstanding", "round_robin"])
+    sidecar.add_argument(
+        "--policy",
+        choices=policy_choices(),
+        metavar="POLICY",
+        help=f"replica choice, one of {', '.join(policy_choices())} "
+        "(default: the manifest's spec.routing.policy with -f, else MODELFLEET_POLICY, else LeastOutstanding)",
+    )
     _server_flags(sidecar)
 
     operator = sub.add_parser("operator", help="run the Kubernetes operator (settings: MODELFLEET_OPERATOR_* env vars)")
@@ -88,7 +109,14 @@ def main(argv: list[str] | None = None) -> int:
             from modelfleet.dataplane.launcher import LaunchError, up
 
             try:
-                return up(args.file, args.host, args.port, ready_timeout=args.ready_timeout)
+                return up(
+                    args.file,
+                    args.host,
+                    args.port,
+                    ready_timeout=args.ready_timeout,
+                    restart=args.restart,
+                    restart_backoff_s=args.restart_backoff,
+                )
             except LaunchError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
@@ -111,13 +139,17 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif args.command == "sidecar":
             from modelfleet.dataplane.settings import SidecarSettings
+            from modelfleet.dataplane.sidecar.main import manifest_routing
             from modelfleet.dataplane.sidecar.main import run as run_sidecar
 
-            run_sidecar(
-                SidecarSettings(
-                    deployment=args.deployment, peers=args.peer, policy=args.policy, host=args.host, port=args.port
-                )
-            )
+            settings = SidecarSettings(deployment=args.deployment, peers=args.peer, host=args.host, port=args.port)
+            routing = manifest_routing(args.file, args.deployment) if args.file else None
+            # the policy: the flag, then the manifest's spec.routing, then MODELFLEET_POLICY, then the default
+            if args.policy is not None:
+                settings.policy = RoutingPolicyName(args.policy)
+            elif routing is not None:
+                settings.policy = routing.policy
+            run_sidecar(settings, routing)
         elif args.command == "gateway":
             from modelfleet.dataplane.gateway.main import run as run_gateway
             from modelfleet.dataplane.settings import GatewaySettings

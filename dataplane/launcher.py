@@ -1,11 +1,21 @@
 """`modelfleet up`: the cluster's three roles as local processes on loopback.
 
 For every deployment in the manifest it starts one engine per replica and one
-coordinator sidecar per replica (as each pod has one in a cluster), then one
-gateway for all of them. It reports load progress, prints the URL when every
-deployment has a ready replica, and on Ctrl-C or SIGTERM stops every child.
+coordinator sidecar per replica (as each pod has one in a cluster), each
+sidecar knowing every engine of its deployment, then one gateway whose route
+for the deployment lists every sidecar. It reports load progress, prints the
+URL when every child is ready, and on Ctrl-C or SIGTERM stops every child.
 Children also get SIGTERM from the kernel if the launcher itself dies
 (PR_SET_PDEATHSIG), so no process is orphaned.
+
+Once the stack is up, a child that exits is reported (its name, pid and exit
+status or signal) and, with ``restart="on-failure"`` (the default), started
+again on the same port after a backoff of 1 s, 2 s, 4 s ... up to 30 s, as a
+kubelet restarts a container; a child that ran for a minute starts its backoff
+over. One that fails five times in a row within a minute of starting stops the
+stack with exit status 1. With ``restart="never"`` the first exit stops the
+stack. A child that fails during start-up always stops it: that is a broken
+manifest or model, not a crash.
 """
 
 from __future__ import annotations
@@ -61,11 +71,34 @@ def _die_with_parent() -> None:
     os.setpgid(0, 0)  # own process group: a terminal's Ctrl-C reaches only the launcher
 
 
+def _popen(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+
+
 @dataclass
 class Child:
     name: str
     url: str
     proc: subprocess.Popen[bytes]
+    cmd: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+    failures_in_a_row: int = 0  # exits within STABLE_AFTER_S of starting, in a row
+
+    def restart(self) -> None:
+        self.proc = _popen(self.cmd, self.env)
+        self.started = time.monotonic()
+        self.restarts += 1
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
 
 
 @dataclass
@@ -77,8 +110,7 @@ class Stack:
 
     def spawn(self, name: str, args: list[str], port: int, host: str, env: dict[str, str]) -> Child:
         cmd = [sys.executable, "-m", "modelfleet.dataplane.cli", *args, "--host", host, "--port", str(port)]
-        proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
-        child = Child(name, f"http://{host}:{port}", proc)
+        child = Child(name, f"http://{host}:{port}", _popen(cmd, env), cmd, env)
         self.children.append(child)
         return child
 
@@ -129,9 +161,11 @@ def start_stack(deployments: list[InferenceDeployment], manifest: Path, host: st
             )
             for i in range(dep.spec.replicas)
         ]
-        peers = [arg for e in engines for arg in ("--peer", e.url)]
+        # the sidecar reads its routing policy from the manifest, as the engine reads its spec
+        sidecar_args = ["sidecar", "-f", str(manifest), "--deployment", name]
+        sidecar_args += [arg for e in engines for arg in ("--peer", e.url)]
         sidecars = [
-            stack.spawn(f"{name}/sidecar-{i}", ["sidecar", "--deployment", name, *peers], free_port(host), host, env)
+            stack.spawn(f"{name}/sidecar-{i}", sidecar_args, free_port(host), host, env)
             for i in range(max(dep.spec.replicas, 1))
         ]
         routes.append(
@@ -146,21 +180,23 @@ def start_stack(deployments: list[InferenceDeployment], manifest: Path, host: st
 
 
 def wait_until_ready(stack: Stack, out: TextIO, timeout: float) -> None:
-    """Poll every child's /readyz until all answer 200, echoing each engine's load progress."""
+    """Poll every child's /readyz until all answer 200 (sidecars: with every replica healthy),
+    echoing each engine's load progress."""
     deadline = time.monotonic() + timeout
     shown: dict[str, str] = {}
     pending = list(stack.children)
     while pending:
         dead = stack.exited()
         if dead is not None:
-            raise LaunchError(
-                f"{dead.name} exited with code {dead.proc.returncode} during start-up (see its log above)"
-            )
+            raise LaunchError(f"{dead.name} {describe_exit(dead.proc.returncode)} during start-up (see its log above)")
         if time.monotonic() > deadline:
             raise LaunchError(f"not ready after {timeout:.0f} s: {', '.join(c.name for c in pending)}")
         still = []
         for child in pending:
             status, body = _get_json(child.url + "/readyz")
+            replicas = body.get("replicas")
+            if status == 200 and isinstance(replicas, list) and not all(r.get("healthy") for r in replicas):
+                status = 503  # a sidecar is ready with one replica; the stack, once it routes to all of them
             if body.get("status") == "failed":
                 raise LaunchError(f"{child.name} failed: {body.get('progress')}")
             if status == 200:
@@ -179,7 +215,76 @@ def wait_until_ready(stack: Stack, out: TextIO, timeout: float) -> None:
             time.sleep(0.3)
 
 
-def up(manifest: Path, host: str, port: int, out: TextIO = sys.stdout, ready_timeout: float = 600.0) -> int:
+RESTART_POLICIES = ("on-failure", "never")
+BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0  # a child that ran this long before exiting starts its backoff over
+MAX_FAILURES_IN_A_ROW = 5
+
+
+def supervise(
+    stack: Stack,
+    out: TextIO,
+    *,
+    restart: str = "on-failure",
+    poll_s: float = 0.5,
+    backoff_s: float = 1.0,
+    backoff_max_s: float = BACKOFF_MAX_S,
+    stable_after_s: float = STABLE_AFTER_S,
+    max_failures: int = MAX_FAILURES_IN_A_ROW,
+) -> int:
+    """Watch a ready stack until a child cannot be kept running; returns the exit status (1)."""
+    restart_at: dict[str, float] = {}
+    recovering: set[str] = set()
+    while True:
+        now = time.monotonic()
+        for child in stack.children:
+            if child.name in restart_at:
+                if now >= restart_at[child.name]:
+                    del restart_at[child.name]
+                    child.restart()
+                    recovering.add(child.name)
+                    print(
+                        f"  {child.name}: restarted (pid {child.proc.pid}, restart {child.restarts})",
+                        file=out,
+                        flush=True,
+                    )
+                continue
+            code = child.proc.poll()
+            if code is None:
+                if child.name in recovering and _get_json(child.url + "/readyz", timeout=1.0)[0] == 200:
+                    recovering.discard(child.name)
+                    print(f"  {child.name}: ready again", file=out, flush=True)
+                continue
+            recovering.discard(child.name)
+            ran = now - child.started
+            what = f"{child.name} (pid {child.proc.pid}) {describe_exit(code)} after {ran:.0f} s"
+            if restart == "never":
+                print(f"{what}; stopping", file=out, flush=True)
+                return 1
+            child.failures_in_a_row = child.failures_in_a_row + 1 if ran < stable_after_s else 1
+            if child.failures_in_a_row > max_failures:
+                print(
+                    f"{what}; it failed {child.failures_in_a_row} times in a row within {stable_after_s:g} s "
+                    "of starting; stopping",
+                    file=out,
+                    flush=True,
+                )
+                return 1
+            delay = min(backoff_s * 2 ** (child.failures_in_a_row - 1), backoff_max_s)
+            print(f"{what}; restarting it in {delay:.0f} s", file=out, flush=True)
+            restart_at[child.name] = now + delay
+        time.sleep(poll_s)
+
+
+def up(
+    manifest: Path,
+    host: str,
+    port: int,
+    out: TextIO = sys.stdout,
+    ready_timeout: float = 600.0,
+    restart: str = "on-failure",
+    restart_backoff_s: float = 1.0,
+) -> int:
     deployments = load_manifests(manifest)
     check_port_free(host, port)
 
@@ -189,6 +294,8 @@ def up(manifest: Path, host: str, port: int, out: TextIO = sys.stdout, ready_tim
     signal.signal(signal.SIGTERM, on_signal)
     print(f"modelfleet up: {manifest} ({', '.join(d.metadata.name for d in deployments)})", file=out, flush=True)
     stack, gateway = start_stack(deployments, manifest, host, port)
+    for child in stack.children:
+        print(f"  {child.name}: pid {child.proc.pid}, {child.url}", file=out, flush=True)
     try:
         wait_until_ready(stack, out, ready_timeout)
         models = ", ".join(m for d in deployments for m in d.spec.served_names())
@@ -199,12 +306,7 @@ def up(manifest: Path, host: str, port: int, out: TextIO = sys.stdout, ready_tim
             file=out,
         )
         print("Press Ctrl-C to stop.", file=out, flush=True)
-        while True:
-            dead = stack.exited()
-            if dead is not None:
-                print(f"{dead.name} exited with code {dead.proc.returncode}; stopping", file=out, flush=True)
-                return 1
-            time.sleep(0.5)
+        return supervise(stack, out, restart=restart, backoff_s=restart_backoff_s)
     except KeyboardInterrupt:
         print("\nstopping...", file=out, flush=True)
         return 0

@@ -85,14 +85,27 @@ class Stack:
         return self.log.read_text(errors="replace")
 
 
-def start_stack(manifest: Path, tmp: Path, timeout: float = 300, env: dict[str, str] | None = None) -> Stack:
-    """``env`` adds variables for the launcher, which passes its environment on to every role."""
+def start_stack(
+    manifest: Path, tmp: Path, timeout: float = 300, env: dict[str, str] | None = None, args: list[str] | None = None
+) -> Stack:
+    """``env`` adds variables for the launcher, which passes its environment on to every role;
+    ``args`` adds flags of ``modelfleet up``."""
     port = free_port()
     log = tmp / f"up-{port}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "modelfleet.dataplane.cli", "up", "-f", str(manifest), "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "modelfleet.dataplane.cli",
+                "up",
+                "-f",
+                str(manifest),
+                "--port",
+                str(port),
+                *(args or []),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
