@@ -55,6 +55,7 @@ bench: ## run the benchmarks (prints tables; record results in bench/RESULTS.md)
 	@scripts/bootstrap.sh torch,test,operator,bench
 	$(PY) bench/decode_throughput.py
 	$(PY) bench/llamacpp_compare.py
+	$(PY) bench/router_overhead.py
 
 clean: ## remove build outputs (keeps the caches outside the repo)
 	rm -rf build .mypy_cache .ruff_cache .pytest_cache
