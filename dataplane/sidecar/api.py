@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -45,8 +46,11 @@ async def models(request: web.Request) -> web.Response:
     assert coord.session is not None
     for peer in coord.peers:
         if peer.healthy:
-            async with coord.session.get(peer.url + "/v1/models") as resp:
-                return json_response(await resp.json(), status=resp.status)
+            try:
+                async with coord.session.get(peer.url + "/v1/models") as resp:
+                    return json_response(await resp.json(), status=resp.status)
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                continue  # died since its last health check: ask the next one
     return json_response({"object": "list", "data": []})
 
 
