@@ -30,13 +30,16 @@ two steps without touching anyone else's cache.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from modelfleet.dataplane.engine.kv_cache import PagedKVCache
 
@@ -268,7 +271,7 @@ class PagedLlama:
             raise ValueError("extend needs at least one token")
         if start + len(token_ids) > self.cache.length(seq_id):
             raise ValueError(f"positions up to {start + len(token_ids)} are not allocated to sequence {seq_id}")
-        with torch.inference_mode():
+        with torch.inference_mode(), self._attention_backends():
             x = self._extend(seq_id, token_ids, start)
             return self._logits(x) if all_logits else self._logits(x[-1:])[0]
 
@@ -302,8 +305,18 @@ class PagedLlama:
             return torch.empty((0, self.vocab_size), dtype=self.dtype, device=self.device)
         positions = [self.cache.length(s) for s in seq_ids]
         new = self.cache.append_slots(seq_ids)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._attention_backends():
             return self._decode(seq_ids, last_tokens, positions, new)
+
+    @contextlib.contextmanager
+    def _attention_backends(self) -> Iterator[None]:
+        """Keep CUDA attention off cuDNN: it rebuilds its plan for every new shape (each decode step has one),
+        which cost ~2 ms of CPU per call on an H100 (bench/RESULTS.md) against microseconds of GPU work."""
+        if self.device.type != "cuda":
+            yield
+            return
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            yield
 
     def free(self, seq_id: int) -> None:
         """Drop a sequence; its blocks go back to the free list."""
