@@ -81,10 +81,12 @@ async def run_round(make, concurrency: int, tokens: int) -> dict[str, float]:
 
 
 async def bench_in_process(levels: list[int], tokens: int) -> list[tuple[str, int, dict[str, float]]]:
+    from modelfleet.dataplane.runners.registry import create_runner
     from modelfleet.dataplane.runners.torch import TorchRunner
 
     (dep,) = load_manifests(MANIFEST)
-    runner = TorchRunner(dtype=dep.spec.model.dtype, device=dep.spec.runtime.device)
+    runner = create_runner(dep.spec)  # exactly what the engine builds from the same manifest
+    assert isinstance(runner, TorchRunner)
     await runner.load_weights(None, dep.spec.model.source)
     codec = runner.codec
     await run_round(lambda i, t: one_in_process(runner, codec, i, t), 1, 8)  # warm-up
