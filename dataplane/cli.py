@@ -68,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"replica choice, one of {', '.join(policy_choices())} "
         "(default: the manifest's spec.routing.policy with -f, else MODELFLEET_POLICY, else LeastOutstanding)",
     )
+    cluster = sidecar.add_argument_group(
+        "cluster mode", "peers: the ready endpoints of a headless Service's EndpointSlices (the --peer URLs until then)"
+    )
+    cluster.add_argument("--kubernetes", action="store_true", help="discover peers through the Kubernetes API")
+    cluster.add_argument("--service", help="the deployment's headless Service (required with --kubernetes)")
+    cluster.add_argument("--namespace", help="its namespace (default: MODELFLEET_NAMESPACE, else the pod's own)")
+    cluster.add_argument(
+        "--engine-port-name", help="the EndpointSlice port that is the engine's (default: engine)", metavar="NAME"
+    )
+    cluster.add_argument("--engine-port", type=int, help="engine port for slices without that port name")
+    cluster.add_argument(
+        "--discovery-interval", type=float, metavar="SECONDS", help="seconds between two lists (default 5)"
+    )
     _server_flags(sidecar)
 
     operator = sub.add_parser("operator", help="run the Kubernetes operator (settings: MODELFLEET_OPERATOR_* env vars)")
@@ -142,7 +155,29 @@ def main(argv: list[str] | None = None) -> int:
             from modelfleet.dataplane.sidecar.main import manifest_routing
             from modelfleet.dataplane.sidecar.main import run as run_sidecar
 
-            settings = SidecarSettings(deployment=args.deployment, peers=args.peer, host=args.host, port=args.port)
+            cluster = {
+                "kubernetes": args.kubernetes or None,
+                "service": args.service,
+                "namespace": args.namespace,
+                "engine_port_name": args.engine_port_name,
+                "engine_port": args.engine_port,
+                "discovery_interval_s": args.discovery_interval,
+            }
+            settings = SidecarSettings(
+                deployment=args.deployment,
+                peers=args.peer,
+                host=args.host,
+                port=args.port,
+                **{k: v for k, v in cluster.items() if v is not None},  # unset flags leave MODELFLEET_* env in force
+            )
+            if settings.kubernetes and not settings.service:
+                print(
+                    "error: sidecar --kubernetes needs --service (the deployment's headless Service)", file=sys.stderr
+                )
+                return 2
+            if not settings.kubernetes and not settings.peers:
+                print("error: sidecar needs --peer URLs, or --kubernetes to discover them", file=sys.stderr)
+                return 2
             routing = manifest_routing(args.file, args.deployment) if args.file else None
             # the policy: the flag, then the manifest's spec.routing, then MODELFLEET_POLICY, then the default
             if args.policy is not None:

@@ -32,6 +32,13 @@ class SidecarSettings(_Base):
     peers: list[str]
     policy: RoutingPolicyName = RoutingPolicyName.LEAST_OUTSTANDING
     retry_budget: int = Field(default=2, ge=0, le=16)
+    # cluster mode (sidecar/discovery.py): peers are the ready endpoints of this headless Service
+    kubernetes: bool = False
+    service: str | None = None
+    namespace: str | None = None  # None: the pod's own namespace (its ServiceAccount mount)
+    engine_port_name: str = "engine"  # the EndpointSlice port that is the engine's
+    engine_port: int | None = Field(default=None, ge=1, le=65535)  # for slices without that port name
+    discovery_interval_s: float = Field(default=5.0, gt=0)
 
 
 class GatewaySettings(_Base):

@@ -197,6 +197,9 @@ def test_chart_rbac_is_enough_for_the_operator_and_gateway_and_no_more(k8s, crd,
             ("create", "events"),
             ("create", "poddisruptionbudgets.policy"),
             ("create", "clusterkopfpeerings.kopf.dev"),
+            ("create", "roles.rbac.authorization.k8s.io"),
+            ("create", "rolebindings.rbac.authorization.k8s.io"),
+            ("create", "serviceaccounts"),
         ]
         op_may_not = [
             ("get", "secrets"),
@@ -205,7 +208,10 @@ def test_chart_rbac_is_enough_for_the_operator_and_gateway_and_no_more(k8s, crd,
             ("create", "clusterroles.rbac.authorization.k8s.io"),
             ("create", "pods"),
             ("delete", "inferencedeployments.modelfleet.io"),
-            ("create", "serviceaccounts/token"),
+            # tokens are the subresource (`serviceaccounts/token` would ask about a ServiceAccount named "token")
+            ("create", "serviceaccounts", "--subresource=token"),
+            ("bind", "roles.rbac.authorization.k8s.io"),
+            ("escalate", "roles.rbac.authorization.k8s.io"),
         ]
         gw_may = [
             ("list", "inferencedeployments.modelfleet.io", "--all-namespaces"),
@@ -269,6 +275,10 @@ def test_chart_rbac_is_enough_for_the_operator_and_gateway_and_no_more(k8s, crd,
             ("service", "chat-peers"),
             ("pdb", "chat"),
             ("deployment", "chat"),
+            # granting EndpointSlice reads needs the operator to hold them (RBAC escalation check)
+            ("serviceaccount", "chat-sidecar"),
+            ("role", "chat-sidecar"),
+            ("rolebinding", "chat-sidecar"),
         ]:
             assert get(k8s, kind, child, ns=namespace) is not None, f"{kind}/{child} missing"
         pod = get(k8s, "deployment", "chat", ns=namespace)["spec"]["template"]["spec"]

@@ -72,6 +72,9 @@ def test_children_owner_references_and_status(k8s, operator, namespace):
         ("service", "chat-peers"),
         ("pdb", "chat"),
         ("deployment", "chat"),
+        ("serviceaccount", "chat-sidecar"),  # the pods' account: its sidecar lists EndpointSlices
+        ("role", "chat-sidecar"),
+        ("rolebinding", "chat-sidecar"),
     ]:
         obj = get(k8s, namespace, kind, name)
         assert obj is not None, f"{kind}/{name} missing"
@@ -85,6 +88,14 @@ def test_children_owner_references_and_status(k8s, operator, namespace):
     assert engine["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(engine)
+    sidecar = pod["containers"][1]["args"]
+    assert sidecar[sidecar.index("--service") + 1] == "chat-peers" and "--kubernetes" in sidecar
+    assert sidecar[sidecar.index("-f") + 1] == "/etc/modelfleet/deployment.yaml"
+    assert pod["serviceAccountName"] == "chat-sidecar"
+    role = get(k8s, namespace, "role", "chat-sidecar")
+    assert role["rules"] == [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
+    ]
     assert engine["lifecycle"]["preStop"]["sleep"]["seconds"] == 5
     assert pod["terminationGracePeriodSeconds"] == 60
     assert dep["spec"]["replicas"] == 2

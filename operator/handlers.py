@@ -224,6 +224,9 @@ async def deployment_event(
 @kopf.on.event("v1", "services", labels=CHILD_FILTER)
 @kopf.on.event("v1", "configmaps", labels=CHILD_FILTER)
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=CHILD_FILTER)
+@kopf.on.event("v1", "serviceaccounts", labels=CHILD_FILTER)
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=CHILD_FILTER)
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=CHILD_FILTER)
 async def other_child_event(
     event: kopf.RawEvent,
     memo: Any,

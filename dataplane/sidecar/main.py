@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+
+from aiohttp import web
 
 from modelfleet.dataplane.httpserver import serve
 from modelfleet.dataplane.manifest import ManifestError, load_manifests
@@ -36,4 +40,34 @@ def run(settings: SidecarSettings, routing: RoutingSpec | None = None) -> None:
         SidecarMetrics(),
         retry_budget=settings.retry_budget,
     )
-    asyncio.run(serve(build_app(coord), settings.host, settings.port, shutdown_timeout=settings.shutdown_timeout_s))
+    app = build_app(coord)
+    if settings.kubernetes:
+        app.cleanup_ctx.append(_discovery(coord, settings))  # after build_app's: the coordinator's session is open
+    asyncio.run(serve(app, settings.host, settings.port, shutdown_timeout=settings.shutdown_timeout_s))
+
+
+def _discovery(coord: Coordinator, settings: SidecarSettings) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Cluster mode: peers from the EndpointSlices of ``settings.service`` (sidecar/discovery.py)."""
+    from modelfleet.dataplane.sidecar.discovery import PeerDiscovery, default_namespace, endpoint_slice_lister
+
+    service = settings.service
+    assert service, "cluster mode needs the headless Service's name"
+    namespace = settings.namespace or default_namespace()
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        lister = await asyncio.to_thread(endpoint_slice_lister, service, namespace)
+        discovery = PeerDiscovery(
+            coord,
+            lister,
+            service=f"{namespace}/{service}",
+            port_name=settings.engine_port_name,
+            default_port=settings.engine_port,
+            interval_s=settings.discovery_interval_s,
+        )
+        task = asyncio.create_task(discovery.run_forever())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return ctx

@@ -78,6 +78,27 @@ RESTRICTED = {
 }
 
 
+# what the kubelet would mount for automountServiceAccountToken (a bound, expiring token, the
+# cluster CA, the namespace), as a volume the pod template gives to the sidecar container alone
+KUBE_API_ACCESS = {
+    "name": "kube-api-access",
+    "projected": {
+        "defaultMode": 0o444,
+        "sources": [
+            {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {
+                "downwardAPI": {
+                    "items": [
+                        {"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}
+                    ]
+                }
+            },
+        ],
+    },
+}
+
+
 def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
     return {
         "httpGet": {"path": path, "port": port},
@@ -136,8 +157,19 @@ def deployment(
         "imagePullPolicy": settings.image_pull_policy,
         "args": [
             "sidecar",
+            "-f",
+            f"{names.CONFIG_DIR}/{names.CONFIG_FILE}",  # spec.routing
             "--deployment",
             name,
+            # peers: the ready endpoints of the headless Service (dataplane/sidecar/discovery.py);
+            # its own engine on loopback until the first list
+            "--kubernetes",
+            "--service",
+            names.peers_service_name(name),
+            "--namespace",
+            owner.namespace,
+            "--engine-port",
+            str(names.ENGINE_PORT),
             "--peer",
             f"http://127.0.0.1:{names.ENGINE_PORT}",
             "--host",
@@ -151,13 +183,19 @@ def deployment(
         "livenessProbe": _probe("/healthz", "http", 10, 3),
         "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
         "securityContext": RESTRICTED,
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [
+            {"name": "config", "mountPath": names.CONFIG_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+            # the API token, in this container only: the engine (model code) gets none
+            {"name": "kube-api-access", "mountPath": names.SERVICE_ACCOUNT_DIR, "readOnly": True},
+        ],
     }
     pod_spec: dict[str, Any] = {
         "containers": [engine, sidecar],
         "terminationGracePeriodSeconds": 60,
         "enableServiceLinks": False,
-        "automountServiceAccountToken": False,
+        "serviceAccountName": names.sidecar_account_name(name),
+        "automountServiceAccountToken": False,  # mounted by hand into the sidecar only (kube-api-access)
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": 10001,
@@ -169,6 +207,7 @@ def deployment(
             {"name": "config", "configMap": {"name": names.config_map_name(name)}},
             {"name": "cache", "emptyDir": {}},
             {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "256Mi"}},
+            KUBE_API_ACCESS,
         ],
     }
     if spec.placement.node_selector and gpu:
@@ -238,6 +277,39 @@ def services(owner: Owner) -> list[dict[str, Any]]:
     return [peers, front]
 
 
+def sidecar_access(owner: Owner) -> list[dict[str, Any]]:
+    """The pods' ServiceAccount, allowed to read EndpointSlices in their namespace and nothing else.
+
+    RBAC cannot narrow this further: slice names are generated (no resourceNames)
+    and a label selector is no authorization boundary, so the sidecar may read
+    every EndpointSlice of its namespace. One set per deployment, owned by it,
+    so the garbage collector removes it with the deployment.
+    """
+    account = names.sidecar_account_name(owner.name)
+
+    def meta() -> dict[str, Any]:
+        return names.metadata(owner.name, owner.namespace, owner.reference(), account)
+
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(), "automountServiceAccountToken": False},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": meta(),
+            "rules": [
+                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta(),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": owner.namespace}],
+        },
+    ]
+
+
 def pod_disruption_budget(owner: Owner) -> dict[str, Any]:
     return {
         "apiVersion": "policy/v1",
@@ -250,10 +322,17 @@ def pod_disruption_budget(owner: Owner) -> dict[str, Any]:
 def plan_children(
     owner: Owner, spec: InferenceDeploymentSpec, settings: OperatorSettings, placement: PodPlacement
 ) -> list[dict[str, Any]]:
-    """Every child object, in apply order: the config the pods mount, then the pods'
-    Deployment (the slow part to come up), then what only routes to them."""
+    """Every child object, in apply order: the config the pods mount and the ServiceAccount they
+    run as (admission rejects a pod whose account does not exist), then the pods' Deployment (the
+    slow part to come up), then what only routes to them."""
     cm = config_map(owner, spec)
-    return [cm, deployment(owner, spec, settings, placement, cm), *services(owner), pod_disruption_budget(owner)]
+    return [
+        cm,
+        *sidecar_access(owner),
+        deployment(owner, spec, settings, placement, cm),
+        *services(owner),
+        pod_disruption_budget(owner),
+    ]
 
 
 def endpoint(owner: Owner, settings: OperatorSettings) -> str:

@@ -12,6 +12,7 @@ MANAGED_BY = "modelfleet-operator"
 DEPLOYMENT_LABEL = "modelfleet.io/deployment"
 CONFIG_FILE = "deployment.yaml"
 CONFIG_DIR = "/etc/modelfleet"
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 def config_map_name(name: str) -> str:
@@ -20,6 +21,11 @@ def config_map_name(name: str) -> str:
 
 def peers_service_name(name: str) -> str:
     return f"{name}-peers"
+
+
+def sidecar_account_name(name: str) -> str:
+    """The pods' ServiceAccount, and the Role and RoleBinding that let its sidecar list EndpointSlices."""
+    return f"{name}-sidecar"
 
 
 def service_name(name: str) -> str:

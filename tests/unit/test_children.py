@@ -33,7 +33,12 @@ def test_plan_is_deterministic_and_owned():
         ("Service", "chat-peers"),
         ("PodDisruptionBudget", "chat"),
         ("Deployment", "chat"),
+        ("ServiceAccount", "chat-sidecar"),
+        ("Role", "chat-sidecar"),
+        ("RoleBinding", "chat-sidecar"),
     }
+    order = [o["kind"] for o in a]
+    assert order.index("ServiceAccount") < order.index("Deployment")  # admission needs the pods' account first
     for obj in a:
         assert obj["metadata"]["namespace"] == "llm"
         assert obj["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
@@ -92,3 +97,44 @@ def test_cpu_pods_request_no_gpu_and_run_locked_down():
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert pod["containers"][0]["image"] == "registry.example/mf/engine-torch-cpu:1.2.3"
     assert pod["containers"][1]["image"] == "registry.example/mf/modelfleet:1.2.3"
+
+
+def test_sidecar_discovers_peers_with_a_read_only_account_of_its_own():
+    kinds = by_kind(plan_children(OWNER, spec(routing={"policy": "PrefixAffinity"}), SETTINGS, PodPlacement()))
+    pod = kinds[("Deployment", "chat")]["spec"]["template"]["spec"]
+    engine, sidecar = pod["containers"]
+    args = sidecar["args"]
+    flags = dict(zip(args[1::2], args[2::2], strict=False)) if args[0] == "sidecar" else {}
+    assert "--kubernetes" in args
+    for flag, value in [
+        ("-f", "/etc/modelfleet/deployment.yaml"),  # spec.routing reaches the sidecar
+        ("--deployment", "chat"),
+        ("--service", "chat-peers"),
+        ("--namespace", "llm"),
+        ("--engine-port", "8001"),
+        ("--peer", "http://127.0.0.1:8001"),  # its own engine until the first list
+    ]:
+        assert args[args.index(flag) + 1] == value, (flag, args)
+    assert flags  # args start with the subcommand
+    assert kinds[("Service", "chat-peers")]["spec"]["ports"][0]["name"] == "engine"  # the port the sidecar looks up
+    # the pods run as the deployment's account; only the sidecar container gets its token
+    assert pod["serviceAccountName"] == "chat-sidecar"
+    assert pod["automountServiceAccountToken"] is False
+    token_dir = "/var/run/secrets/kubernetes.io/serviceaccount"
+    assert {m["mountPath"] for m in sidecar["volumeMounts"]} >= {token_dir, "/etc/modelfleet"}
+    assert token_dir not in {m["mountPath"] for m in engine["volumeMounts"]}
+    (access,) = [v for v in pod["volumes"] if v["name"] == "kube-api-access"]
+    sources = access["projected"]["sources"]
+    assert sources[0]["serviceAccountToken"]["expirationSeconds"] <= 3607
+    assert {k for s in sources for k in s} == {"serviceAccountToken", "configMap", "downwardAPI"}
+    # RBAC: get/list/watch EndpointSlices in the namespace, nothing else
+    account = kinds[("ServiceAccount", "chat-sidecar")]
+    assert account["automountServiceAccountToken"] is False
+    role = kinds[("Role", "chat-sidecar")]
+    assert role["metadata"]["namespace"] == "llm"
+    assert role["rules"] == [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
+    ]
+    binding = kinds[("RoleBinding", "chat-sidecar")]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "chat-sidecar"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "chat-sidecar", "namespace": "llm"}]
