@@ -1,50 +1,53 @@
-"""The gateway's HTTP routes (FastAPI: the OpenAPI document comes for free).
+"""The gateway's HTTP routes (aiohttp, like the sidecar: the gateway is on the hot path).
 
-Thin: validation is the wire models', routing and relaying the service's.
+Thin: validation is the wire models', routing and relaying the service's. The
+OpenAPI document is FastAPI's, generated once at startup from the same wire
+models (gateway/openapi.py) and served as ``/openapi.json``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from typing import Any
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import ValidationError
 
 from modelfleet.dataplane.gateway.metrics import GatewayMetrics
+from modelfleet.dataplane.gateway.openapi import openapi_document
 from modelfleet.dataplane.gateway.routes import RoutingTable
 from modelfleet.dataplane.gateway.service import GatewayService, Relayed
+from modelfleet.dataplane.httpserver import api_error_response, error_middleware, json_response
 from modelfleet.dataplane.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
-    error_body,
-    internal_error,
     validation_error,
 )
 from modelfleet.dataplane.spec import RuntimeKind
 from modelfleet.dataplane.upstream import new_session
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
+SERVICE = web.AppKey("service", GatewayService)
+METRICS = web.AppKey("metrics", GatewayMetrics)
 
 # The runtime segment of a Docker Model Runner path (/engines/{runtime}/v1/...):
 # DMR's backends (clients written for it mostly hard-code llama.cpp) and
 # ModelFleet's runtime kinds. It does not filter deployments: the model does.
 ENGINE_NAMES = frozenset({"llama.cpp", "mlx", "diffusers", *(kind.value for kind in RuntimeKind)})
 
+Wire = type[ChatCompletionRequest] | type[CompletionRequest]
+
 
 def known_engine(runtime: str) -> None:
-    """A dependency of the /engines/{runtime}/... routes: runs before the body is validated."""
+    """Checked on the /engines/{runtime}/... routes before the body is looked at."""
     if runtime not in ENGINE_NAMES:
         raise ApiError(
             404,
@@ -54,53 +57,145 @@ def known_engine(runtime: str) -> None:
         )
 
 
-def _error_response(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+NOT_AN_OBJECT = "The request body must be a JSON object."
 
 
-async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run ``work``; cancel it if the client goes away first (stops generation upstream)."""
-    task = asyncio.ensure_future(work)
+def json_content_type(value: str | None) -> bool:
+    """No Content-Type, or a JSON one (application/json, */*+json): the body is read as JSON."""
+    if not value:
+        return True
+    subtype = value.split(";", 1)[0].strip().lower().rpartition("/")[2]
+    return subtype == "json" or subtype.endswith("+json")
 
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
 
-    watcher = asyncio.ensure_future(disconnected())
+def parse_request(
+    model: Wire, raw: bytes, content_type: str | None = None
+) -> ChatCompletionRequest | CompletionRequest:
+    """Validate the raw body once, straight from JSON; errors in the gateway's 400 shapes."""
+    if not raw.strip() or not json_content_type(content_type):
+        raise ApiError(400, NOT_AN_OBJECT, code="invalid_json")
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        first: Mapping[str, Any] = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            raise ApiError(400, "The request body is not valid JSON.", code="invalid_json") from None
+        if not first.get("loc"):  # valid JSON, but not an object
+            raise ApiError(400, NOT_AN_OBJECT, code="invalid_json") from None
+        raise validation_error(errors) from None
+
+
+INCLUDE_USAGE = b',"stream_options":{"include_usage":true}}'
+
+
+def upstream_body(req: ChatCompletionRequest | CompletionRequest, raw: bytes) -> bytes:
+    """What goes to the sidecar: the client's own bytes, patched only where the gateway must.
+
+    A stream always asks for usage so token metrics are complete (the usage
+    event is dropped again unless the client asked for it).
+    """
+    if not req.stream or req.wants_usage_in_stream():
+        return raw
+    if "stream_options" not in req.model_fields_set:
+        # a validated JSON object with at least "model": append the one field before its closing brace
+        body = raw.rstrip()
+        if body.endswith(b"}"):
+            return body[:-1] + INCLUDE_USAGE
+    payload = json.loads(raw)
+    payload["stream_options"] = {"include_usage": True}
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+async def _send(request: web.Request, relayed: Relayed) -> web.StreamResponse:
+    if relayed.stream is None:
+        return web.Response(body=relayed.body or b"", status=relayed.status, headers=relayed.headers)
+    headers = {"content-type": "text/event-stream"} | relayed.headers
+    resp = web.StreamResponse(status=relayed.status, headers=headers)
+    stream = relayed.stream
+    try:
+        await resp.prepare(request)
+        async for chunk in stream:
+            await resp.write(chunk)
+        await resp.write_eof()
     finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            raise asyncio.CancelledError
-    return task.result()
-
-
-def _to_response(relayed: Relayed) -> Response:
-    if relayed.stream is not None:
-        return StreamingResponse(
-            relayed.stream, status_code=relayed.status, headers=relayed.headers, media_type="text/event-stream"
-        )
-    return Response(
-        relayed.body or b"", status_code=relayed.status, headers=relayed.headers, media_type="application/json"
-    )
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:  # the client left mid-stream: close the upstream now, not at GC
+            await aclose()
+    return resp
 
 
 def create_app(
     table: RoutingTable, refresher: Callable[[GatewayService], Coroutine[Any, Any, None]] | None = None
-) -> FastAPI:
+) -> web.Application:
     """The gateway; ``refresher`` (cluster mode) keeps ``service.table`` current."""
     metrics = GatewayMetrics()
     service = GatewayService(table, metrics)
+    openapi = json.dumps(openapi_document(), separators=(",", ":")).encode()
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def openai(request: web.Request, endpoint: str, model: Wire) -> web.StreamResponse:
+        raw = await request.read()
+        req = parse_request(model, raw, request.headers.get("content-type"))
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        try:
+            relayed = await service.forward(endpoint, req, request_id, request.headers, raw=upstream_body(req, raw))
+        except ApiError as exc:
+            service.count_error(endpoint, exc)
+            return api_error_response(exc)
+        return await _send(request, relayed)
+
+    def handlers(endpoint: str, model: Wire) -> tuple[Any, Any]:
+        async def plain(request: web.Request) -> web.StreamResponse:
+            return await openai(request, endpoint, model)
+
+        async def engine(request: web.Request) -> web.StreamResponse:
+            known_engine(request.match_info["runtime"])
+            return await openai(request, endpoint, model)
+
+        return plain, engine
+
+    async def models(request: web.Request) -> web.Response:
+        return json_response(service.models())
+
+    async def engine_models(request: web.Request) -> web.Response:
+        known_engine(request.match_info["runtime"])
+        return json_response(service.models())
+
+    async def healthz(request: web.Request) -> web.Response:
+        return json_response({"status": "alive"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        return json_response({"status": "ready"})
+
+    async def prometheus(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def openapi_json(request: web.Request) -> web.Response:
+        return web.Response(body=openapi, content_type="application/json")
+
+    app = web.Application(middlewares=[error_middleware], client_max_size=32 * 1024 * 1024)
+    app[SERVICE] = service
+    app[METRICS] = metrics
+    r = app.router
+    chat, engine_chat = handlers("/v1/chat/completions", ChatCompletionRequest)
+    text, engine_text = handlers("/v1/completions", CompletionRequest)
+    # Docker Model Runner's paths: /engines/v1/... and /engines/{runtime}/v1/...
+    # reach the same deployments; the model picks the deployment, the runtime
+    # segment only has to be a name DMR or ModelFleet knows (see ENGINE_NAMES).
+    for prefix in ("", "/engines"):
+        r.add_post(prefix + "/v1/chat/completions", chat)
+        r.add_post(prefix + "/v1/completions", text)
+        r.add_get(prefix + "/v1/models", models, allow_head=False)
+    r.add_post("/engines/{runtime}/v1/chat/completions", engine_chat)
+    r.add_post("/engines/{runtime}/v1/completions", engine_text)
+    r.add_get("/engines/{runtime}/v1/models", engine_models, allow_head=False)
+    r.add_get("/healthz", healthz, allow_head=False)
+    r.add_get("/readyz", readyz, allow_head=False)
+    r.add_get("/metrics", prometheus, allow_head=False)
+    r.add_get("/openapi.json", openapi_json, allow_head=False)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         service.session = new_session()
-        app.state.service = service
-        app.state.metrics = metrics
         task = asyncio.create_task(refresher(service)) if refresher else None
         yield
         if task is not None:
@@ -109,99 +204,5 @@ def create_app(
                 await task
         await service.session.close()
 
-    app = FastAPI(title="ModelFleet gateway", version="0.1.0", lifespan=lifespan)
-
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = list(exc.errors())
-        first = errors[0] if errors else {}
-        if first.get("type") == "json_invalid":
-            return _error_response(ApiError(400, "The request body is not valid JSON.", code="invalid_json"))
-        if tuple(first.get("loc", ())) == ("body",):
-            return _error_response(ApiError(400, "The request body must be a JSON object.", code="invalid_json"))
-        return _error_response(validation_error(errors, skip_prefix=1))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(
-            error_body(str(exc.detail), type=kind, code=str(exc.status_code)), status_code=exc.status_code
-        )
-
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled %s", type(exc).__name__, exc_info=exc)
-        return _error_response(internal_error())
-
-    async def openai(request: Request, endpoint: str, req: ChatCompletionRequest | CompletionRequest) -> Response:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        try:
-            if req.stream:
-                relayed = await service.forward(endpoint, req, request_id, request.headers)
-            else:
-                relayed = await _until_disconnect(request, service.forward(endpoint, req, request_id, request.headers))
-        except ApiError as exc:
-            service.count_error(endpoint, exc)
-            raise
-        return _to_response(relayed)
-
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
-        return await openai(request, "/v1/chat/completions", req)
-
-    @app.post("/v1/completions", response_model=None)
-    async def completions(req: CompletionRequest, request: Request) -> Response:
-        return await openai(request, "/v1/completions", req)
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return service.models()
-
-    # Docker Model Runner's paths: /engines/v1/... and /engines/{runtime}/v1/...
-    # reach the same deployments; the model picks the deployment, the runtime
-    # segment only has to be a name DMR or ModelFleet knows (see ENGINE_NAMES).
-    @app.post("/engines/v1/chat/completions", response_model=None, include_in_schema=False)
-    async def dmr_chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
-        return await openai(request, "/v1/chat/completions", req)
-
-    @app.post("/engines/v1/completions", response_model=None, include_in_schema=False)
-    async def dmr_completions(req: CompletionRequest, request: Request) -> Response:
-        return await openai(request, "/v1/completions", req)
-
-    @app.get("/engines/v1/models", include_in_schema=False)
-    async def dmr_models() -> dict[str, Any]:
-        return service.models()
-
-    engine = [Depends(known_engine)]
-
-    @app.post(
-        "/engines/{runtime}/v1/chat/completions", response_model=None, include_in_schema=False, dependencies=engine
-    )
-    async def dmr_runtime_chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
-        return await openai(request, "/v1/chat/completions", req)
-
-    @app.post("/engines/{runtime}/v1/completions", response_model=None, include_in_schema=False, dependencies=engine)
-    async def dmr_runtime_completions(req: CompletionRequest, request: Request) -> Response:
-        return await openai(request, "/v1/completions", req)
-
-    @app.get("/engines/{runtime}/v1/models", include_in_schema=False, dependencies=engine)
-    async def dmr_runtime_models() -> dict[str, Any]:
-        return service.models()
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "alive"}
-
-    @app.get("/readyz")
-    async def readyz() -> dict[str, str]:
-        return {"status": "ready"}
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
+    app.cleanup_ctx.append(lifecycle)
     return app

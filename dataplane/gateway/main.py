@@ -1,13 +1,14 @@
-"""Process entry point of the gateway (uvicorn)."""
+"""Process entry point of the gateway (aiohttp, served like the sidecar)."""
 
 from __future__ import annotations
 
-import uvicorn
+import asyncio
 
 from modelfleet.dataplane.gateway.api import create_app
 from modelfleet.dataplane.gateway.discovery import refresh_forever
 from modelfleet.dataplane.gateway.routes import RoutingTable
 from modelfleet.dataplane.gateway.service import GatewayService
+from modelfleet.dataplane.httpserver import serve
 from modelfleet.dataplane.settings import GatewaySettings
 
 
@@ -23,13 +24,4 @@ def run(settings: GatewaySettings) -> None:
             await refresh_forever(install, settings.refresh_interval_s)
 
         app = create_app(RoutingTable([]), refresher)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
-        lifespan="on",
-    )
-    uvicorn.Server(config).run()
+    asyncio.run(serve(app, settings.host, settings.port, shutdown_timeout=settings.shutdown_timeout_s))

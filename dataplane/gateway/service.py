@@ -51,14 +51,20 @@ class GatewayService:
         req: ChatCompletionRequest | CompletionRequest,
         request_id: str,
         client_headers: Mapping[str, str] | None = None,
+        *,
+        raw: bytes | None = None,
     ) -> Relayed:
+        """``raw``: the body to send as is (the HTTP layer's patched client bytes); else ``req`` re-encoded."""
         route = self.table.lookup(req.model)
-        payload = req.model_dump(exclude_unset=True, mode="json")
-        if req.stream:
-            # Always ask for usage so token metrics are complete; the usage
-            # event is dropped again unless the client asked for it.
-            payload["stream_options"] = {"include_usage": True}
-        body = json.dumps(payload, separators=(",", ":")).encode()
+        if raw is not None:
+            body = raw
+        else:
+            payload = req.model_dump(exclude_unset=True, mode="json")
+            if req.stream:
+                # Always ask for usage so token metrics are complete; the usage
+                # event is dropped again unless the client asked for it.
+                payload["stream_options"] = {"include_usage": True}
+            body = json.dumps(payload, separators=(",", ":")).encode()
         endpoints = self.table.endpoints_in_turn(route)
         order = iter(endpoints)
 
