@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from modelfleet.dataplane.protocol import ApiError, error_body, unavailable
 
@@ -102,6 +103,8 @@ def response_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
 
 
 def request_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    if isinstance(headers, CIMultiDictProxy | CIMultiDict):  # aiohttp's: already case-insensitive
+        return {k: v for k in FORWARDED_REQUEST_HEADERS if (v := headers.get(k)) is not None}
     source = {k.lower(): v for k, v in headers.items()}
     return {k: source[k] for k in FORWARDED_REQUEST_HEADERS if k in source}
 

@@ -107,17 +107,27 @@ def upstream_body(req: ChatCompletionRequest | CompletionRequest, raw: bytes) ->
     return json.dumps(payload, separators=(",", ":")).encode()
 
 
+DONE = b"data: [DONE]\n\n"
+
+
 async def _send(request: web.Request, relayed: Relayed) -> web.StreamResponse:
     if relayed.stream is None:
         return web.Response(body=relayed.body or b"", status=relayed.status, headers=relayed.headers)
     headers = {"content-type": "text/event-stream"} | relayed.headers
     resp = web.StreamResponse(status=relayed.status, headers=headers)
     stream = relayed.stream
+    held = b""
     try:
-        await resp.prepare(request)
+        await resp.prepare(request)  # the headers go out with the first bytes
         async for chunk in stream:
-            await resp.write(chunk)
-        await resp.write_eof()
+            if held:
+                await resp.write(held)
+                held = b""
+            if chunk.endswith(DONE):
+                held = chunk  # the last event: send it with the end of the body, one write
+            else:
+                await resp.write(chunk)
+        await resp.write_eof(held)
     finally:
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:  # the client left mid-stream: close the upstream now, not at GC

@@ -106,6 +106,9 @@ class GatewayService:
                 if first:
                     self.metrics.ttft.labels(route.name).observe(time.perf_counter() - started)
                     first = False
+                if not buffer and data.endswith(b"\n\n") and USAGE_MARKER not in data:
+                    yield data  # whole events, none of them usage: as they came
+                    continue
                 buffer += data
                 out = []
                 while (end := buffer.find(b"\n\n")) >= 0:

@@ -4,6 +4,7 @@ asked for it. A fake sidecar (aiohttp, in process) records what it was sent."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -82,7 +83,10 @@ async def sidecar():
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
         await resp.write(b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n')
-        await resp.write(b"data: " + json.dumps(USAGE, separators=(",", ":")).encode() + b"\n\n")
+        usage = b"data: " + json.dumps(USAGE, separators=(",", ":")).encode() + b"\n\n"
+        await resp.write(usage[:20])  # an event split over two reads
+        await asyncio.sleep(0.01)
+        await resp.write(usage[20:])
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
