@@ -6,6 +6,13 @@ and with status "rebuilding" and the cause while the worker rebuilds the
 runner's session), /load (the sidecar's load view) and /metrics. With
 ``MODELFLEET_FAULT_INJECTION=1`` only, also ``POST /admin/fault``: a test-only
 switch that fakes a poisoned device context (see engine/faults.py).
+
+Compatibility with routers that probe SGLang workers (sglang-router,
+``bench/routing_quality.py``): ``GET /health`` (200 once ready, else 503),
+``/server_info``, ``/get_server_info``, ``/model_info`` and
+``/get_model_info`` (the served model name and context length), and the
+SGLang sampling extensions such a router adds to every chat body, dropped
+when they hold SGLang's defaults (a no-op here) and refused otherwise.
 """
 
 from __future__ import annotations
@@ -79,7 +86,7 @@ async def _openai(
     request: web.Request, model: type[ChatCompletionRequest] | type[CompletionRequest]
 ) -> web.StreamResponse:
     state = request.app[STATE]
-    body = parse_json_body(await request.read())
+    body = _drop_sglang_defaults(parse_json_body(await request.read()))
     try:
         req = model.model_validate(body)
     except ValidationError as exc:
@@ -151,6 +158,53 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+# ---- compatibility with routers that probe SGLang workers -----------------------------------
+# sglang-router registers a worker only once its GET /health answers 200, then reads
+# /server_info and /model_info (falling back to the /get_* spellings) for the worker's
+# metadata; it re-serializes every chat body with SGLang's extension fields at their defaults.
+
+# SGLang extension fields and the value that means "do what an OpenAI server does"
+SGLANG_DEFAULTS: dict[str, object] = {
+    "no_stop_trim": False,
+    "continue_final_message": False,
+    "skip_special_tokens": True,
+    "separate_reasoning": True,
+    "stream_reasoning": True,
+    "return_hidden_states": False,
+}
+
+
+def _drop_sglang_defaults(body: dict[str, object]) -> dict[str, object]:
+    """The body without SGLang extension fields that hold their no-op defaults; other values stay and get a 400."""
+    return {k: v for k, v in body.items() if k not in SGLANG_DEFAULTS or SGLANG_DEFAULTS[k] != v}
+
+
+async def health(request: web.Request) -> web.Response:
+    """SGLang's health probe: 200 when the engine takes requests (like /readyz), 503 otherwise."""
+    state = request.app[STATE]
+    if state.service is not None and not state.draining and not state.worker.rebuilding:
+        return json_response({"status": "ok"})
+    return json_response({"status": "unavailable", "progress": state.load_error or state.progress}, status=503)
+
+
+async def model_info(request: web.Request) -> web.Response:
+    """SGLang's /model_info and /server_info: the served model name and the context length.
+
+    No ``model_path`` or ``tokenizer_path``: a router would try to load a tokenizer from them.
+    """
+    spec = request.app[STATE].spec
+    return json_response(
+        {
+            "served_model_name": spec.model.name,
+            "is_generation": spec.model.mode.value == "completion",
+            "max_model_len": spec.engine.max_model_len,
+            "max_running_requests": spec.engine.max_num_seqs,
+            "dp_size": 1,
+            "tp_size": 1,
+        }
+    )
+
+
 async def admin_fault(request: web.Request) -> web.Response:
     """Test-only: arm the fault injector; the next ``count`` runner steps fail as a poisoned CUDA context would."""
     injector = request.app[STATE].fault_injector
@@ -177,6 +231,9 @@ def build_app(state: EngineState) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/load", load)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/health", health)
+    for path in ("/server_info", "/get_server_info", "/model_info", "/get_model_info"):
+        app.router.add_get(path, model_info)
     if state.fault_injector is not None:
         app.router.add_post("/admin/fault", admin_fault)
 
