@@ -563,9 +563,7 @@ def exported_metrics() -> dict[str, str]:
             n: t for t, n in re.findall(r'\b(Counter|Gauge|Histogram|Summary)\(\s*"(modelfleet_[a-z_]+)"', code)
         }
         # collected at scrape time (engine RUNTIME_STATS): ("name", "counter" | "gauge", "help")
-        metrics |= {
-            n: k.capitalize() for n, k in re.findall(r'\(\s*"(modelfleet_[a-z_]+)",\s*"(counter|gauge)"', code)
-        }
+        metrics |= {n: k.capitalize() for n, k in re.findall(r'\(\s*"(modelfleet_[a-z_]+)",\s*"(counter|gauge)"', code)}
     assert plain == set(metrics), f"metric names not matched to a type: {plain - set(metrics)}"
     assert len(metrics) >= 10
     return metrics
