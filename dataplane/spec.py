@@ -187,6 +187,15 @@ class RuntimeSpec(SpecModel):
         RuntimeKind, Field(description="torch (in-process), vllm, sglang, or remote (a hosted OpenAI-compatible API).")
     ] = RuntimeKind.TORCH
     device: Annotated[Device, Field(description="Where a local runtime computes.")] = Device.AUTO
+    cpu_threads: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=1024,
+            description="Threads of the torch runtime's CPU math. Default: the cores minus one, at least one, "
+            "so the HTTP side of the replica keeps a core (measured faster on 2 cores, bench/RESULTS.md).",
+        ),
+    ] = None
     extra_args: Annotated[
         list[str], Field(max_length=64, description="Extra command-line flags passed to vllm/sglang servers.")
     ] = []

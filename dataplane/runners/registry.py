@@ -21,5 +21,6 @@ def create_runner(spec: InferenceDeploymentSpec) -> ModelRunner:
             quantization=spec.model.quantization,
             device=spec.runtime.device,
             engine=spec.engine,
+            cpu_threads=spec.runtime.cpu_threads,
         )
     raise RunnerError(f"runtime {kind.value!r} is not available in this version of ModelFleet yet")
