@@ -33,20 +33,12 @@ sys.path.insert(0, str(ROOT))
 import openai  # noqa: E402
 import yaml  # noqa: E402
 
+from bench.prompts import QUESTIONS  # noqa: E402
+from bench.streams import stream_ttft  # noqa: E402
 from tests.integration.conftest import engine_url, metric, start_stack, stop_stack  # noqa: E402
 
 MANIFEST = ROOT / "examples" / "smollm2-local.yaml"
 BUSINESSES = ["a bakery in Lyon", "a bicycle repair shop", "a public library", "a mountain hotel", "a train operator"]
-QUESTIONS = [
-    "When are you open?",
-    "Can I book for tomorrow?",
-    "Do you take cards?",
-    "Where are you?",
-    "Is there parking?",
-    "Can I bring a dog?",
-    "Who do I call?",
-    "Do you have a website?",
-]
 
 
 def system_prompt(business: str) -> str:
@@ -72,24 +64,9 @@ def write_manifest(path: Path, concurrency: int) -> None:
 
 
 async def one(client: openai.AsyncOpenAI, model: str, tenant: int, question: str, tokens: int) -> tuple[float, float]:
-    start = time.perf_counter()
-    first = None
-    stream = await client.chat.completions.create(
-        model=model,
-        messages=[
-            {"role": "system", "content": system_prompt(BUSINESSES[tenant % len(BUSINESSES)])},
-            {"role": "user", "content": question},
-        ],
-        max_tokens=tokens,
-        temperature=0,
-        stream=True,
-        extra_body={"ignore_eos": True},
-    )
-    async for chunk in stream:
-        if first is None and chunk.choices and chunk.choices[0].delta.content:
-            first = time.perf_counter() - start
-    end = time.perf_counter() - start
-    return first if first is not None else end, end
+    system = system_prompt(BUSINESSES[tenant % len(BUSINESSES)])
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    return await stream_ttft(client, model, messages, tokens)
 
 
 async def run_workload(client: openai.AsyncOpenAI, model: str, args: argparse.Namespace) -> dict[str, float]:

@@ -10,3 +10,19 @@ PROMPTS = [
     "Tell the history of the bicycle.",
     "Describe how bread is made, from wheat to loaf.",
 ]
+
+# short customer questions for the multi-tenant (shared system prompt) benchmarks
+QUESTIONS = [
+    "When are you open?",
+    "Can I book for tomorrow?",
+    "Do you take cards?",
+    "Where are you?",
+    "Is there parking?",
+    "Can I bring a dog?",
+    "Who do I call?",
+    "Do you have a website?",
+    "Is it busy on Sundays?",
+    "Can I get a refund?",
+    "Do you speak English?",
+    "Is there a student discount?",
+]

@@ -71,6 +71,8 @@ sys.path.insert(0, str(ROOT))
 import openai  # noqa: E402
 import yaml  # noqa: E402
 
+from bench.prompts import QUESTIONS  # noqa: E402
+from bench.streams import stream_ttft  # noqa: E402
 from modelfleet.dataplane.launcher import free_port  # noqa: E402
 from tests.integration.conftest import Stack, get, metric, start_stack, stop_stack  # noqa: E402
 
@@ -95,20 +97,6 @@ BUSINESSES = [
     "a car rental agency",
     "a vegan restaurant",
     "a museum of science",
-]
-QUESTIONS = [
-    "When are you open?",
-    "Can I book for tomorrow?",
-    "Do you take cards?",
-    "Where are you?",
-    "Is there parking?",
-    "Can I bring a dog?",
-    "Who do I call?",
-    "Do you have a website?",
-    "Is it busy on Sundays?",
-    "Can I get a refund?",
-    "Do you speak English?",
-    "Is there a student discount?",
 ]
 
 
@@ -187,21 +175,7 @@ async def one(client: openai.AsyncOpenAI, tenant: int | None, question: str, tok
     messages = [{"role": "user", "content": question}]
     if tenant is not None:
         messages.insert(0, {"role": "system", "content": system_prompt(tenant)})
-    start = time.perf_counter()
-    first = None
-    stream = await client.chat.completions.create(
-        model=MODEL,
-        messages=messages,  # type: ignore[arg-type]
-        max_tokens=tokens,
-        temperature=0,
-        stream=True,
-        extra_body={"ignore_eos": True},
-    )
-    async for chunk in stream:
-        if first is None and chunk.choices and chunk.choices[0].delta.content:
-            first = time.perf_counter() - start
-    end = time.perf_counter() - start
-    return first if first is not None else end, end
+    return await stream_ttft(client, MODEL, messages, tokens)
 
 
 def pct(values: list[float], q: float) -> float:
