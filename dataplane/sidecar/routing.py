@@ -12,13 +12,20 @@ Policies, as the spec names them (``spec.routing.policy``):
 - LeastOutstanding: the lowest ``Peer.load``; ties in turn.
 - PowerOfTwo: two distinct random eligible peers, the lower load of the two
   (ties: the first drawn). Seedable for tests.
-- PrefixAffinity: consistent hashing with bounded loads over a digest of the
-  prompt's first ``prefixChars`` characters, so requests that share a prefix
-  meet its KV blocks in one replica's prefix cache. A peer may take a key only
-  while ``load + 1 <= ceil(c * (total load + 1) / eligible peers)``; the first
-  peer clockwise under that bound takes it. A table remembers each prefix's home
-  (the peer a table hit or the ring owner gave it) so it stays put when peers
-  join; a detour for load does not rewrite the home. No prompt: LeastOutstanding.
+- PrefixAffinity: consistent hashing over a digest of the prompt's first
+  ``prefixChars`` characters, so requests that share a prefix meet its KV
+  blocks in one replica's prefix cache. A table remembers each prefix's home
+  (the ring owner when the prefix was first seen) so it stays put when peers
+  join. A request stays on its prefix's home unless the home is full: when
+  every eligible replica's load view carries its engine's ``max_num_seqs``,
+  full means ``load >= max_num_seqs`` (the request would queue there) and the
+  request moves only to a replica with ``load < max_num_seqs``; without
+  capacities, full means ``load + 1 > ceil(c * (total load + 1) / eligible
+  peers)`` (bounded loads, c = ``loadBound``) and it moves only to a replica
+  under that bound. Either way the detour is the first such replica clockwise
+  from the key, and nobody with room means it stays home. A detour, or a home
+  that is unhealthy or was just tried ("failover"), does not rewrite the
+  home. No prompt: LeastOutstanding.
 - SessionAffinity: the ``x-session-id`` header hashed onto the same kind of
   ring, strictly: a session stays on its owner whatever the load (its turns
   share the conversation prefix, and every sidecar agrees on the owner) and
@@ -145,6 +152,12 @@ class _RingCache:
         return self._ring
 
 
+def _capacity(peer: Peer) -> int | None:
+    """The engine's max_num_seqs when the load view has it (a Peer without the field: unknown)."""
+    cap = getattr(peer, "max_num_seqs", None)
+    return cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None
+
+
 class PrefixAffinity:
     name = RoutingPolicyName.PREFIX_AFFINITY
 
@@ -172,24 +185,33 @@ class PrefixAffinity:
             self.last_reason = "no_key"
             return self._fallback.pick(peers, info, exclude)
         by_url = {p.url: p for p in eligible}
+        ring = [by_url[u] for u in self._rings.get(peers).walk(key) if u in by_url]  # eligible, clockwise from key
+        has_room = self._room_rule(eligible)
+        home_url = self.table.get(key)
+        home: Peer | None
+        if home_url is None:  # unseen, or no table: the ring owner
+            home = ring[0]
+            self.table.put(key, home.url)
+            self.last_reason = "owner"
+        else:
+            home = by_url.get(home_url)
+            self.last_reason = "remembered" if home is not None else "failover"
+        if home is not None and has_room(home):
+            return home
+        detour = next((p for p in ring if p is not home and has_room(p)), None)
+        if detour is None:  # nobody has room: queue at home, where the prefix is cached
+            return home if home is not None else ring[0]
+        if home is not None:
+            self.last_reason = "overflow"
+        return detour
+
+    def _room_rule(self, eligible: Sequence[Peer]) -> Callable[[Peer], bool]:
+        """Whether a peer may take one more request: under its engine's max_num_seqs, else under the bound."""
+        caps = {p.url: _capacity(p) for p in eligible}
+        if all(c is not None for c in caps.values()):
+            return lambda p: p.load < (caps[p.url] or 0)
         cap = self.bound(eligible)
-        home = self.table.get(key)
-        peer = by_url.get(home) if home is not None else None
-        if peer is not None and peer.load + 1 <= cap:
-            self.last_reason = "remembered"
-            return peer
-        for i, url in enumerate(self._rings.get(peers).walk(key)):
-            peer = by_url.get(url)
-            if peer is not None and peer.load + 1 <= cap:
-                if i == 0:
-                    self.last_reason = "owner"
-                    self.table.put(key, url)
-                else:
-                    self.last_reason = "overflow"
-                return peer
-        # unreachable while loads are consistent (some eligible peer is always under the bound)
-        self.last_reason = "overflow"
-        return self._fallback.pick(peers, info, exclude)
+        return lambda p: p.load + 1 <= cap
 
 
 class SessionAffinity:

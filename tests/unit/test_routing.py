@@ -210,3 +210,53 @@ def test_session_affinity_without_a_session_falls_back_to_least_outstanding():
     policy = SessionAffinity()
     assert policy.pick(peers, NO_INFO, set()).url == "b"
     assert policy.last_reason == "no_session"
+
+
+def with_capacity(peers: list[Peer], cap: int) -> list[Peer]:
+    for p in peers:
+        setattr(p, "max_num_seqs", cap)  # noqa: B010  the engine's /load field, when the load view carries it
+    return peers
+
+
+def test_prefix_affinity_keeps_the_home_until_its_engine_is_full():
+    peers = with_capacity([Peer("a"), Peer("b"), Peer("c")], 4)
+    policy = PrefixAffinity(load_bound=1.25)
+    k = key("tenant")
+    home = policy.pick(peers, k, set())
+    home.outstanding = 3  # far over the bounded-load cap ceil(1.25 * 4 / 3) = 2, but the engine has a free slot
+    assert policy.pick(peers, k, set()) is home
+    assert policy.last_reason == "remembered"
+    home.outstanding = 4  # full: the request would queue, and another engine has room
+    detour = policy.pick(peers, k, set())
+    assert detour is not home and policy.last_reason == "overflow"
+    assert policy.table.get(k.prefix_key) == home.url  # the detour does not move the home
+    for p in peers:
+        p.outstanding = 4  # everyone full: queue at home, where the prefix is cached
+    assert policy.pick(peers, k, set()) is home
+    home.outstanding = 2
+    assert policy.pick(peers, k, set()) is home
+
+
+def test_prefix_affinity_without_capacities_keeps_the_bounded_load_rule():
+    peers = [Peer("a"), Peer("b"), Peer("c")]
+    policy = PrefixAffinity(load_bound=1.25)
+    k = key("tenant")
+    home = policy.pick(peers, k, set())
+    home.outstanding = 2  # bound = ceil(1.25 * 3 / 3) = 2: 2 + 1 > 2
+    assert policy.pick(peers, k, set()) is not home
+    assert policy.last_reason == "overflow"
+    home.outstanding = 1  # bound = ceil(1.25 * 2 / 3) = 1: still over
+    assert policy.pick(peers, k, set()) is not home
+    home.outstanding = 0
+    assert policy.pick(peers, k, set()) is home
+
+
+def test_prefix_affinity_without_a_table_is_the_ring_owner():
+    peers = [Peer(f"p{i}") for i in range(4)]
+    policy = PrefixAffinity(table_entries=0)
+    ring = HashRing(p.url for p in peers)
+    for i in range(200):
+        k = key(f"tenant {i}")
+        assert policy.pick(peers, k, set()).url == ring.owner(k.prefix_key)
+        assert policy.last_reason == "owner"
+    assert len(policy.table) == 0
