@@ -330,9 +330,11 @@ class RoutingSpec(SpecModel):
         Field(
             ge=1.0,
             le=100.0,
-            description="Bounded-loads factor c of PrefixAffinity: a replica takes a key only while its load "
-            "is below ceil(c * (total load + 1) / healthy replicas); otherwise the key moves clockwise to the "
-            "next replica on the ring. 1.0 balances strictly; larger values favour cache hits.",
+            description="PrefixAffinity keeps a prefix on its home replica until that replica's engine is full "
+            "(load at its maxNumSeqs, read from /load) and another has a free slot. Until capacities are known, "
+            "this bounded-loads factor c decides instead: a request leaves its home only while the home's load "
+            "+ 1 exceeds ceil(c * (total load + 1) / healthy replicas). 1.0 balances strictly; larger values "
+            "favour cache hits.",
         ),
     ] = 1.25
     prefix_table_entries: Annotated[

@@ -40,6 +40,7 @@ class Peer:
     queued_tokens: int = 0
     kv_usage: float | None = None
     prefix_hit_rate: float | None = None
+    max_num_seqs: int | None = None  # the engine's batch capacity, from /load (None: not reported yet)
     failures_in_a_row: int = 0
 
     @property
@@ -56,6 +57,7 @@ class Peer:
         self.queued_tokens = _count(body.get("queued_tokens"), self.queued_tokens)
         self.kv_usage = _fraction(body.get("kv_usage"), self.kv_usage)
         self.prefix_hit_rate = _fraction(body.get("prefix_hit_rate"), self.prefix_hit_rate)
+        self.max_num_seqs = _count(body.get("max_num_seqs"), self.max_num_seqs or 0) or None
 
     def observe_check(self, result: CheckResult, eject_after: int) -> str | None:
         """Applies one health check; returns "admitted" or "ejected" when that changed, else None."""

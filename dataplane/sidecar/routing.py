@@ -153,9 +153,8 @@ class _RingCache:
 
 
 def _capacity(peer: Peer) -> int | None:
-    """The engine's max_num_seqs when the load view has it (a Peer without the field: unknown)."""
-    cap = getattr(peer, "max_num_seqs", None)
-    return cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None
+    """The engine's max_num_seqs when its /load reported it, else None (unknown)."""
+    return peer.max_num_seqs
 
 
 class PrefixAffinity:

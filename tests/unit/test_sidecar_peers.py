@@ -55,3 +55,12 @@ def test_malformed_load_fields_are_ignored():
     assert (peer.running, peer.queued, peer.kv_usage, peer.queued_tokens) == (1, 0, None, 0)
     peer.observe_load(["not", "a", "dict"])
     assert peer.running == 1
+
+
+def test_load_view_learns_the_engines_capacity():
+    peer = Peer("http://a")
+    assert peer.max_num_seqs is None  # unknown until the engine says
+    peer.observe_load({"running": 1, "queued": 0, "max_num_seqs": 4})
+    assert peer.max_num_seqs == 4
+    peer.observe_load({"running": 1, "max_num_seqs": "lots"})  # malformed: keep what we knew
+    assert peer.max_num_seqs == 4
