@@ -454,11 +454,17 @@ class TorchRunner:
         sidecar and the gateway from preempting the math threads mid-step (on 2
         cores: 67 instead of 44 tokens/s for one stream). A wide step (prefill,
         or many sequences) is compute-bound and takes every core.
-        ``runtime.cpuThreads`` fixes both.
+        ``runtime.cpuThreads``, or ``OMP_NUM_THREADS`` when set, fixes both: with
+        several engines on one machine each must stay within its share, or their
+        spinning math threads oversubscribe the cores. Cores are the ones this
+        process may run on (its CPU affinity), not the whole machine's.
         """
-        cores = os.cpu_count() or 1
         if self._cpu_threads:
             return self._cpu_threads, self._cpu_threads
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if env.isdigit() and int(env) > 0:
+            return int(env), int(env)
+        cores = len(os.sched_getaffinity(0)) or 1
         return max(1, cores - 1), cores
 
     def _small_step_threads(self) -> int:
