@@ -125,19 +125,16 @@ class StepStats:
 
     def snapshot(self) -> dict[str, float]:
         with self.lock:
-            return self._values()
-
-    def _values(self) -> dict[str, float]:
-        return {
-            "steps": self.steps,
-            "step_s": self.step_s,
-            "forward_s": self.forward_s,
-            "scheduler_s": self.scheduler_s,
-            "prefill_tokens": self.prefill_tokens,
-            "prefill_chunks": self.prefill_chunks,
-            "drafted": self.drafted,
-            "accepted": self.accepted,
-        }
+            return {
+                "steps": self.steps,
+                "step_s": self.step_s,
+                "forward_s": self.forward_s,
+                "scheduler_s": self.scheduler_s,
+                "prefill_tokens": self.prefill_tokens,
+                "prefill_chunks": self.prefill_chunks,
+                "drafted": self.drafted,
+                "accepted": self.accepted,
+            }
 
 
 WIDE_STEP = 8  # decode batches wider than this are compute-bound on a CPU: use every core
@@ -175,6 +172,7 @@ class TorchRunner:
     ) -> None:
         self._cpu_threads = cpu_threads
         self._threads = 0  # torch's intra-op threads as last set (CPU)
+        self._thread_split = (1, 1)  # (small, wide) step threads, decided once at load
         self._dtype_choice = dtype
         self._quantization = quantization
         self._device_choice = device
@@ -220,8 +218,9 @@ class TorchRunner:
         self.device = ctx.device if ctx else pick_device(self._device_choice)
         dtype = pick_dtype(self._dtype_choice, self.device)
         if self.device == "cpu":
-            self._set_threads(self._small_step_threads())
-            log.info("torch CPU threads: %d for small decode steps, %d for wide ones", *self._thread_plan())
+            self._thread_split = self._thread_plan()
+            self._set_threads(self._thread_split[0])
+            log.info("torch CPU threads: %d for small decode steps, %d for wide ones", *self._thread_split)
         self._set_progress("resolving weights")
         path: Path = resolve_hf_dir(source, self._set_progress)
         self._set_progress(f"loading weights from {path.name} ({dtype}, {self.device})")
@@ -467,9 +466,6 @@ class TorchRunner:
         cores = len(os.sched_getaffinity(0)) or 1
         return max(1, cores - 1), cores
 
-    def _small_step_threads(self) -> int:
-        return self._thread_plan()[0]
-
     def _set_threads(self, threads: int) -> None:
         if threads != self._threads:
             torch.set_num_threads(threads)
@@ -502,7 +498,7 @@ class TorchRunner:
                     self._cond.wait(0.05)
             return
         if self.device == "cpu":
-            small, wide = self._thread_plan()
+            small, wide = self._thread_split
             self._set_threads(wide if plan.prefill or len(plan.decode) > WIDE_STEP else small)
         for request_id, start, n in plan.prefill:
             if request_id in self._active:
