@@ -77,6 +77,16 @@ def wait_for(check: Any, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def replicas_serving(stack: Stack, path: str, requests: int = 8) -> set[str]:
+    """The replicas (x-modelfleet-replica) that answered ``requests`` short completions, each a 200."""
+    served = set()
+    for _ in range(requests):
+        resp = httpx.post(stack.base_url + path, json={"model": MODEL, "prompt": "Hello", "max_tokens": 2}, timeout=60)
+        assert resp.status_code == 200, resp.text
+        served.add(resp.headers["x-modelfleet-replica"])
+    return served
+
+
 def ask(client: openai.OpenAI, i: int, started: threading.Event | None = None) -> dict[str, Any]:
     """Request i (even: streaming, odd: not) as the client sees it: completed, or the error it raised."""
     kw: dict[str, Any] = dict(
@@ -121,16 +131,7 @@ def test_replicas_start_behind_every_sidecar(failover):
     ]
     for sidecar in sidecars:  # every sidecar knows every engine of its deployment, all ready
         assert sidecar_view(sidecar) == dict.fromkeys(engines, True)
-    served = set()
-    for _ in range(8):  # the requests spread over both engines
-        resp = httpx.post(
-            failover.base_url + "/v1/completions",
-            json={"model": MODEL, "prompt": "Hello", "max_tokens": 2},
-            timeout=60,
-        )
-        assert resp.status_code == 200, resp.text
-        served.add(resp.headers["x-modelfleet-replica"])
-    assert served == {"0", "1"}
+    assert replicas_serving(failover, "/v1/completions") == {"0", "1"}  # the requests spread over both engines
 
 
 def test_killing_a_replica_under_load_fails_nothing_silently(failover):
@@ -178,16 +179,7 @@ def test_killing_a_replica_under_load_fails_nothing_silently(failover):
     )
     assert re.search(r"failover/engine-1: restarted \(pid \d+, restart 1\)", log)
     wait_for(lambda: all(all(sidecar_view(s).values()) for s in sidecars), 10, "victim re-admitted")
-    served = set()
-    for _ in range(8):
-        resp = httpx.post(
-            failover.base_url + "/engines/v1/completions",
-            json={"model": MODEL, "prompt": "Hello", "max_tokens": 2},
-            timeout=60,
-        )
-        assert resp.status_code == 200, resp.text
-        served.add(resp.headers["x-modelfleet-replica"])
-    assert served == {"0", "1"}
+    assert replicas_serving(failover, "/engines/v1/completions") == {"0", "1"}
     # the policy came from the manifest's spec.routing
     for sidecar in sidecars:
         routed = [
