@@ -35,7 +35,7 @@ Derived observation fields
     ``output_tokens``: the chunks' token ids in order; ``completion_tokens``: their count unless given.
 
 Errors name the file, the line (or array index) and the field:
-``cand.jsonl:7: ts: 99.9 is earlier than the previous event of request 'r1' (line 5)``.
+``cand.jsonl:7: ts: 99.9 is earlier than the previous event of request 'r1' (cand.jsonl:5)``.
 """
 
 from __future__ import annotations
