@@ -28,6 +28,9 @@ from modelfleet.dataplane.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    EmbeddingRequest,
+    RerankRequest,
+    SamplingFields,
     validation_error,
 )
 from modelfleet.dataplane.spec import RuntimeKind
@@ -43,7 +46,8 @@ METRICS = web.AppKey("metrics", GatewayMetrics)
 # ModelFleet's runtime kinds. It does not filter deployments: the model does.
 ENGINE_NAMES = frozenset({"llama.cpp", "mlx", "diffusers", *(kind.value for kind in RuntimeKind)})
 
-Wire = type[ChatCompletionRequest] | type[CompletionRequest]
+GatewayRequest = ChatCompletionRequest | CompletionRequest | EmbeddingRequest | RerankRequest
+Wire = type[ChatCompletionRequest] | type[CompletionRequest] | type[EmbeddingRequest] | type[RerankRequest]
 
 
 def known_engine(runtime: str) -> None:
@@ -68,9 +72,7 @@ def json_content_type(value: str | None) -> bool:
     return subtype == "json" or subtype.endswith("+json")
 
 
-def parse_request(
-    model: Wire, raw: bytes, content_type: str | None = None
-) -> ChatCompletionRequest | CompletionRequest:
+def parse_request(model: Wire, raw: bytes, content_type: str | None = None) -> GatewayRequest:
     """Validate the raw body once, straight from JSON; errors in the gateway's 400 shapes."""
     if not raw.strip() or not json_content_type(content_type):
         raise ApiError(400, NOT_AN_OBJECT, code="invalid_json")
@@ -89,14 +91,14 @@ def parse_request(
 INCLUDE_USAGE = b',"stream_options":{"include_usage":true}}'
 
 
-def upstream_body(req: ChatCompletionRequest | CompletionRequest, raw: bytes) -> bytes:
+def upstream_body(req: GatewayRequest, raw: bytes) -> bytes:
     """What goes to the sidecar: the client's own bytes, patched only where the gateway must.
 
     A stream always asks for usage so token metrics are complete (the usage
     event is dropped again unless the client asked for it).
     """
-    if not req.stream or req.wants_usage_in_stream():
-        return raw
+    if not isinstance(req, SamplingFields) or not req.stream or req.wants_usage_in_stream():
+        return raw  # embeddings and rerank never stream
     if "stream_options" not in req.model_fields_set:
         # a validated JSON object with at least "model": append the one field before its closing brace
         body = raw.rstrip()
@@ -189,15 +191,21 @@ def create_app(
     r = app.router
     chat, engine_chat = handlers("/v1/chat/completions", ChatCompletionRequest)
     text, engine_text = handlers("/v1/completions", CompletionRequest)
+    embed, engine_embed = handlers("/v1/embeddings", EmbeddingRequest)
+    rerank, engine_rerank = handlers("/v1/rerank", RerankRequest)
     # Docker Model Runner's paths: /engines/v1/... and /engines/{runtime}/v1/...
     # reach the same deployments; the model picks the deployment, the runtime
     # segment only has to be a name DMR or ModelFleet knows (see ENGINE_NAMES).
     for prefix in ("", "/engines"):
         r.add_post(prefix + "/v1/chat/completions", chat)
         r.add_post(prefix + "/v1/completions", text)
+        r.add_post(prefix + "/v1/embeddings", embed)
+        r.add_post(prefix + "/v1/rerank", rerank)
         r.add_get(prefix + "/v1/models", models, allow_head=False)
     r.add_post("/engines/{runtime}/v1/chat/completions", engine_chat)
     r.add_post("/engines/{runtime}/v1/completions", engine_text)
+    r.add_post("/engines/{runtime}/v1/embeddings", engine_embed)
+    r.add_post("/engines/{runtime}/v1/rerank", engine_rerank)
     r.add_get("/engines/{runtime}/v1/models", engine_models, allow_head=False)
     r.add_get("/healthz", healthz, allow_head=False)
     r.add_get("/readyz", readyz, allow_head=False)

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from modelfleet.dataplane.protocol import ChatCompletionRequest, CompletionRequest
+from modelfleet.dataplane.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, RerankRequest
 
 TITLE = "ModelFleet gateway"
 VERSION = "0.1.0"
@@ -29,6 +29,14 @@ def openapi_document() -> dict[str, Any]:
 
     @doc.post("/v1/completions", response_model=None)
     async def completions(req: CompletionRequest) -> Response:
+        return _never()  # type: ignore[no-any-return]
+
+    @doc.post("/v1/embeddings", response_model=None, summary="Embeddings (deployments in mode embedding)")
+    async def embeddings(req: EmbeddingRequest) -> Response:
+        return _never()  # type: ignore[no-any-return]
+
+    @doc.post("/v1/rerank", response_model=None, summary="Rerank documents against a query (mode rerank)")
+    async def rerank(req: RerankRequest) -> Response:
         return _never()  # type: ignore[no-any-return]
 
     @doc.get("/v1/models")

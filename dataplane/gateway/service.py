@@ -12,7 +12,14 @@ import aiohttp
 
 from modelfleet.dataplane.gateway.metrics import GatewayMetrics
 from modelfleet.dataplane.gateway.routes import DeploymentRoute, RoutingTable
-from modelfleet.dataplane.protocol import ApiError, ChatCompletionRequest, CompletionRequest
+from modelfleet.dataplane.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    RerankRequest,
+    SamplingFields,
+)
 from modelfleet.dataplane.upstream import open_upstream, relay, request_headers, response_headers
 
 log = logging.getLogger(__name__)
@@ -48,7 +55,7 @@ class GatewayService:
     async def forward(
         self,
         endpoint: str,
-        req: ChatCompletionRequest | CompletionRequest,
+        req: ChatCompletionRequest | CompletionRequest | EmbeddingRequest | RerankRequest,
         request_id: str,
         client_headers: Mapping[str, str] | None = None,
         *,
@@ -60,7 +67,7 @@ class GatewayService:
             body = raw
         else:
             payload = req.model_dump(exclude_unset=True, mode="json")
-            if req.stream:
+            if isinstance(req, SamplingFields) and req.stream:
                 # Always ask for usage so token metrics are complete; the usage
                 # event is dropped again unless the client asked for it.
                 payload["stream_options"] = {"include_usage": True}
@@ -93,7 +100,9 @@ class GatewayService:
         return Relayed(
             upstream.status,
             headers,
-            stream=self._events(route, endpoint, upstream, started, req.wants_usage_in_stream()),
+            stream=self._events(
+                route, endpoint, upstream, started, isinstance(req, SamplingFields) and req.wants_usage_in_stream()
+            ),
         )
 
     async def _events(
