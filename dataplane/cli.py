@@ -55,12 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("-f", "--file", type=Path, required=True, help="manifest (or the operator's ConfigMap file)")
     engine.add_argument("--deployment", help="deployment name when the manifest holds several")
     engine.add_argument("--replica", type=int, default=0)
+    engine.add_argument("--tier", help="serve this spill-over tier of the deployment (its hosted API) instead")
     _server_flags(engine)
 
     sidecar = sub.add_parser("sidecar", help="run a coordinator sidecar")
     sidecar.add_argument("-f", "--file", type=Path, help="manifest: the routing policy comes from its spec.routing")
     sidecar.add_argument("--deployment", required=True)
     sidecar.add_argument("--peer", action="append", default=[], help="engine URL (repeat)")
+    sidecar.add_argument(
+        "--tier", action="append", default=[], metavar="NAME=URL", help="spill-over tier engine (see spec.spillover)"
+    )
     sidecar.add_argument(
         "--policy",
         choices=policy_choices(),
@@ -95,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="run a workload through the scheduler on a simulated clock (no model)")
     replay.add_argument("--input", type=Path, required=True, help="workload (JSON)")
     replay.add_argument("--output", type=Path, required=True, help="where to write the report (JSON)")
+
+    # release gate (docs/rollouts.md); exit 0 promote, 3 hold, 4 rollback, 2 malformed input
+    gate = sub.add_parser("gate", help="judge candidate vs baseline observations: promote, hold or rollback")
+    gate.add_argument("--input", type=Path, required=True, help="observations and policy (JSON)")
+    gate.add_argument("--output", type=Path, required=True, help="where to write the report (JSON)")
+    mirror_gate = sub.add_parser("mirror-gate", help="run the release gate on mirrored vLLM/SGLang-style request logs")
+    mirror_gate.add_argument("--baseline", type=Path, required=True, help="baseline request log (JSONL or JSON)")
+    mirror_gate.add_argument("--candidate", type=Path, required=True, help="candidate request log (JSONL or JSON)")
+    mirror_gate.add_argument("--policy", type=Path, help="gate policy (JSON; default: the built-in policy)")
+    mirror_gate.add_argument("--output", type=Path, required=True, help="where to write the report (JSON)")
     return parser
 
 
@@ -113,6 +127,27 @@ def _replay(input_path: Path, output_path: Path) -> int:
     totals = report["totals"]
     print(f"{totals['completed']} requests in {totals['ticks']} ticks; fingerprint {totals['fingerprint']}")
     return 0
+
+
+def _gate(args: argparse.Namespace) -> int:
+    from modelfleet.dataplane.rollout.commands import EXIT_CODES, gate_file, mirror_gate_files
+    from modelfleet.dataplane.rollout.observations import RolloutInputError
+
+    try:
+        if args.command == "gate":
+            report = gate_file(args.input, args.output)
+        else:
+            report = mirror_gate_files(args.baseline, args.candidate, args.policy, args.output)
+    except RolloutInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"{report['decision']}: {report['metrics']['matched']} matched requests; report in {args.output}")
+    for reason in report["reasons"]:
+        print(f"  {reason}")
+    return EXIT_CODES[report["decision"]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "replay":
             return _replay(args.input, args.output)
+        if args.command in ("gate", "mirror-gate"):
+            return _gate(args)
         _logging(args.command if args.command != "engine" else f"engine-{args.replica}", args.log_level)
         if args.command == "engine":
             from modelfleet.dataplane.engine.main import run as run_engine
@@ -147,12 +184,17 @@ def main(argv: list[str] | None = None) -> int:
 
             run_engine(
                 EngineSettings(
-                    manifest=args.file, deployment=args.deployment, replica=args.replica, host=args.host, port=args.port
+                    manifest=args.file,
+                    deployment=args.deployment,
+                    replica=args.replica,
+                    tier=args.tier,
+                    host=args.host,
+                    port=args.port,
                 )
             )
         elif args.command == "sidecar":
             from modelfleet.dataplane.settings import SidecarSettings
-            from modelfleet.dataplane.sidecar.main import manifest_routing
+            from modelfleet.dataplane.sidecar.main import manifest_routing, manifest_spillover
             from modelfleet.dataplane.sidecar.main import run as run_sidecar
 
             cluster = {
@@ -166,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             settings = SidecarSettings(
                 deployment=args.deployment,
                 peers=args.peer,
+                tiers=args.tier,
                 host=args.host,
                 port=args.port,
                 **{k: v for k, v in cluster.items() if v is not None},  # unset flags leave MODELFLEET_* env in force
@@ -179,12 +222,16 @@ def main(argv: list[str] | None = None) -> int:
                 print("error: sidecar needs --peer URLs, or --kubernetes to discover them", file=sys.stderr)
                 return 2
             routing = manifest_routing(args.file, args.deployment) if args.file else None
+            spillover = manifest_spillover(args.file, args.deployment) if args.file else None
+            if settings.tiers and spillover is None:
+                print("error: sidecar --tier needs -f with the deployment's spec.spillover", file=sys.stderr)
+                return 2
             # the policy: the flag, then the manifest's spec.routing, then MODELFLEET_POLICY, then the default
             if args.policy is not None:
                 settings.policy = RoutingPolicyName(args.policy)
             elif routing is not None:
                 settings.policy = routing.policy
-            run_sidecar(settings, routing)
+            run_sidecar(settings, routing, spillover)
         elif args.command == "gateway":
             from modelfleet.dataplane.gateway.main import run as run_gateway
             from modelfleet.dataplane.settings import GatewaySettings

@@ -2,8 +2,9 @@
 
 For every deployment in the manifest it starts one engine per replica and one
 coordinator sidecar per replica (as each pod has one in a cluster), each
-sidecar knowing every engine of its deployment, then one gateway whose route
-for the deployment lists every sidecar. It reports load progress, prints the
+sidecar knowing every engine of its deployment (and one engine per
+``spec.spillover`` tier, serving that tier's hosted API, which the sidecars
+spill to), then one gateway whose route for the deployment lists every sidecar. It reports load progress, prints the
 URL when every child is ready, and on Ctrl-C or SIGTERM stops every child.
 Children also get SIGTERM from the kernel if the launcher itself dies
 (PR_SET_PDEATHSIG), so no process is orphaned.
@@ -37,7 +38,7 @@ from typing import Any, TextIO
 
 from modelfleet.dataplane.gateway.routes import DeploymentRoute, RoutesFile
 from modelfleet.dataplane.manifest import load_manifests
-from modelfleet.dataplane.spec import InferenceDeployment
+from modelfleet.dataplane.spec import InferenceDeployment, Mode
 
 PR_SET_PDEATHSIG = 1
 
@@ -161,9 +162,24 @@ def start_stack(deployments: list[InferenceDeployment], manifest: Path, host: st
             )
             for i in range(dep.spec.replicas)
         ]
+        # spill-over tiers: one engine each, serving the tier's hosted API with the remote runner
+        tiers = [
+            (
+                tier.name,
+                stack.spawn(
+                    f"{name}/tier-{tier.name}",
+                    ["engine", "-f", str(manifest), "--deployment", name, "--tier", tier.name],
+                    free_port(host),
+                    host,
+                    env,
+                ),
+            )
+            for tier in (dep.spec.spillover.tiers if dep.spec.spillover else [])
+        ]
         # the sidecar reads its routing policy from the manifest, as the engine reads its spec
         sidecar_args = ["sidecar", "-f", str(manifest), "--deployment", name]
         sidecar_args += [arg for e in engines for arg in ("--peer", e.url)]
+        sidecar_args += [arg for tier_name, e in tiers for arg in ("--tier", f"{tier_name}={e.url}")]
         sidecars = [
             stack.spawn(f"{name}/sidecar-{i}", sidecar_args, free_port(host), host, env)
             for i in range(max(dep.spec.replicas, 1))
@@ -276,6 +292,19 @@ def supervise(
         time.sleep(poll_s)
 
 
+def try_command(url: str, dep: InferenceDeployment) -> str:
+    """A curl line for the deployment's mode, printed once the stack is ready."""
+    model = dep.spec.model
+    path, body = {
+        Mode.EMBEDDING: ("embeddings", f'{{"model": "{model.name}", "input": "Hello"}}'),
+        Mode.RERANK: ("rerank", f'{{"model": "{model.name}", "query": "Hello", "documents": ["Hi", "Bye"]}}'),
+    }.get(
+        model.mode,
+        ("chat/completions", f'{{"model": "{model.name}", "messages": [{{"role": "user", "content": "Hello"}}]}}'),
+    )
+    return f"curl {url}/v1/{path} -H 'content-type: application/json' -d '{body}'"
+
+
 def up(
     manifest: Path,
     host: str,
@@ -300,11 +329,7 @@ def up(
         wait_until_ready(stack, out, ready_timeout)
         models = ", ".join(m for d in deployments for m in d.spec.served_names())
         print(f"\nReady: {gateway.url}/v1  (models: {models})", file=out)
-        print(
-            f"  try: curl {gateway.url}/v1/chat/completions -H 'content-type: application/json' "
-            f'-d \'{{"model": "{deployments[0].spec.model.name}", "messages": [{{"role": "user", "content": "Hello"}}]}}\'',
-            file=out,
-        )
+        print(f"  try: {try_command(gateway.url, deployments[0])}", file=out)
         print("Press Ctrl-C to stop.", file=out, flush=True)
         return supervise(stack, out, restart=restart, backoff_s=restart_backoff_s)
     except KeyboardInterrupt:

@@ -24,12 +24,14 @@ class EngineSettings(_Base):
     manifest: Path
     deployment: str | None = None
     replica: int = 0
+    tier: str | None = None  # serve this spill-over tier of the deployment (spec.spillover) instead of the model
     fault_injection: bool = False  # MODELFLEET_FAULT_INJECTION=1: test-only POST /admin/fault (engine/faults.py)
 
 
 class SidecarSettings(_Base):
     deployment: str
     peers: list[str]
+    tiers: list[str] = []  # NAME=URL of the spill-over tiers' engines (spec.spillover)
     policy: RoutingPolicyName = RoutingPolicyName.LEAST_OUTSTANDING
     retry_budget: int = Field(default=2, ge=0, le=16)
     # cluster mode (sidecar/discovery.py): peers are the ready endpoints of this headless Service

@@ -25,6 +25,8 @@ SHORT_NAME = "infd"
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 # RFC 1123 label: the deployment's name becomes Service and Deployment names.
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# RFC 1123 subdomain: names of Secrets and most other objects.
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
 class SpecModel(BaseModel):
@@ -164,9 +166,16 @@ class ModelSpec(SpecModel):
             description="Weight quantization of the torch runtime's paged (Llama) forward: none, or int8 (symmetric, per output channel, quantized once at load; about 4x fewer bytes read per decode step than float32, greedy tokens close to but not identical with float32). CPU only: on CUDA the weights stay in dtype, with a warning."
         ),
     ] = Quantization.NONE
-    mode: Annotated[Mode, Field(description="completion (chat and text completions), embedding or rerank.")] = (
-        Mode.COMPLETION
-    )
+    mode: Annotated[
+        Mode,
+        Field(
+            description="What the deployment serves: completion (POST /v1/chat/completions and /v1/completions), "
+            "embedding (POST /v1/embeddings: mean-pooled, unit-norm vectors of a sentence-transformers bi-encoder "
+            "such as all-MiniLM-L6-v2) or rerank (POST /v1/rerank: documents ranked by the cosine similarity of "
+            "their embedding and the query's, computed by the same bi-encoder, not by a cross-encoder). A request "
+            "for another mode's endpoint is a 400."
+        ),
+    ] = Mode.COMPLETION
     size: Annotated[
         ModelSize | None,
         Field(description="Size facts for the memory estimate when the operator cannot read the weights."),
@@ -199,6 +208,9 @@ class RuntimeSpec(SpecModel):
     extra_args: Annotated[
         list[str], Field(max_length=64, description="Extra command-line flags passed to vllm/sglang servers.")
     ] = []
+    remote: Annotated[
+        RemoteSpec | None, Field(description="The hosted API, with runtime kind remote (required then).")
+    ] = None
 
 
 class SpeculativeSpec(SpecModel):
@@ -467,6 +479,161 @@ class PlacementSpec(SpecModel):
         return self
 
 
+REMOTE_SECRETS_DIR = "/var/run/modelfleet/secrets"  # where the operator mounts a Secret an apiKey names
+
+
+class SecretKeyRef(SpecModel):
+    """One key of a Kubernetes Secret in the deployment's namespace."""
+
+    name: Annotated[str, Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253, description="The Secret's name.")]
+    key: Annotated[str, Field(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253, description="The key in the Secret.")]
+
+    def mounted_path(self, root: str) -> str:
+        """Where the operator mounts it in the engine container (a volume, so the kubelet refreshes a rotation)."""
+        return f"{root.rstrip('/')}/{self.name}/{self.key}"
+
+
+class SecretRef(SpecModel):
+    """Where a credential is read from. Read again after the provider rejects it, so a rotated Secret heals."""
+
+    secret: Annotated[
+        SecretKeyRef | None,
+        Field(description="A Secret key, mounted into the engine by the operator (cluster only)."),
+    ] = None
+    file: Annotated[
+        str | None, Field(min_length=1, description="Path of a file holding the key (in a cluster: a mounted Secret).")
+    ] = None
+    env: Annotated[
+        str | None, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Environment variable holding the key.")
+    ] = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if sum(x is not None for x in (self.secret, self.file, self.env)) != 1:
+            raise ValueError("exactly one of secret, file, env must be set")
+        return self
+
+
+class RemoteRateLimits(SpecModel):
+    """Limits the provider declares; enforced here with token buckets so the provider never has to refuse."""
+
+    requests_per_minute: Annotated[int | None, Field(ge=1, description="Requests per minute.")] = None
+    tokens_per_minute: Annotated[
+        int | None, Field(ge=1, description="Prompt plus completion tokens per minute (prompts estimated).")
+    ] = None
+    max_wait_seconds: Annotated[
+        float,
+        Field(ge=0, le=600, description="Longest a request waits for the limits; beyond it the answer is 429."),
+    ] = 10.0
+
+
+class Pricing(SpecModel):
+    """The provider's list prices, for cost estimates, the cost counter and budgets."""
+
+    input_usd_per_million: Annotated[float, Field(ge=0, description="USD per million prompt tokens.")] = 0.0
+    output_usd_per_million: Annotated[float, Field(ge=0, description="USD per million completion tokens.")] = 0.0
+
+
+class SpendBudget(SpecModel):
+    """Most this runner may spend, by its cost estimates, per clock hour and per UTC day (unset: no limit)."""
+
+    usd_per_hour: Annotated[float | None, Field(gt=0, description="USD per clock hour (UTC).")] = None
+    usd_per_day: Annotated[float | None, Field(gt=0, description="USD per UTC day.")] = None
+
+
+class RemoteSpec(SpecModel):
+    """A hosted OpenAI-compatible API that serves the model (runtime remote, or a spill-over tier)."""
+
+    base_url: Annotated[
+        str,
+        Field(
+            pattern=r"^https?://[^\s/]+(/\S*)?$",
+            description="The provider's OpenAI base URL, ending before /chat/completions "
+            "(for example https://api.example.com/v1).",
+        ),
+    ]
+    model: Annotated[
+        str | None, Field(min_length=1, max_length=256, description="Upstream model name. Default: model.name.")
+    ] = None
+    api_key: Annotated[
+        SecretRef | None, Field(description="Sent as `Authorization: Bearer <key>`. Unset: no Authorization header.")
+    ] = None
+    headers: Annotated[
+        dict[str, str],
+        Field(max_length=32, description="Extra request headers (not for secrets: they show in the spec)."),
+    ] = {}
+    connect_timeout_seconds: Annotated[float, Field(gt=0, le=600, description="TCP and TLS connect timeout.")] = 10.0
+    first_byte_timeout_seconds: Annotated[
+        float, Field(gt=0, le=3600, description="Longest wait for the response's status line and first event.")
+    ] = 60.0
+    timeout_seconds: Annotated[float, Field(gt=0, le=7200, description="Longest a whole response may take.")] = 600.0
+    max_retries: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=10,
+            description="Retries on 429, 5xx and connection failures, with jittered backoff honouring "
+            "Retry-After, only while nothing has been streamed to the client.",
+        ),
+    ] = 3
+    rate_limits: Annotated[RemoteRateLimits, Field(description="Declared provider limits.")] = RemoteRateLimits()
+    pricing: Annotated[Pricing, Field(description="Declared prices.")] = Pricing()
+    budget: Annotated[
+        SpendBudget, Field(description="Spend limits; a spent budget answers 429 until the window turns.")
+    ] = SpendBudget()
+
+    @field_validator("headers")
+    @classmethod
+    def _no_hop_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        reserved = {"authorization", "content-length", "host", "transfer-encoding", "connection"}
+        bad = sorted(k for k in value if k.lower() in reserved)
+        if bad:
+            raise ValueError(f"headers may not set {', '.join(bad)} (use apiKey for Authorization)")
+        return value
+
+
+class SpilloverRule(SpecModel):
+    """When a request leaves the local replicas for the next tier. Any rule that holds sends it."""
+
+    queue_depth_above: Annotated[
+        int | None,
+        Field(ge=0, description="Spill when every ready local replica has more than this many requests queued."),
+    ] = 0
+    estimated_wait_seconds_above: Annotated[
+        float | None,
+        Field(gt=0, description="Spill when every ready local replica estimates a longer queue wait than this."),
+    ] = None
+    no_local_ready: Annotated[bool, Field(description="Spill when no local replica is ready.")] = True
+
+
+class Tier(SpecModel):
+    """One tier after the deployment's own replicas."""
+
+    name: Annotated[
+        str,
+        Field(
+            pattern=DNS_LABEL_PATTERN,
+            max_length=32,
+            description="Shown in the x-modelfleet-tier response header and metrics (`local` is the replicas).",
+        ),
+    ]
+    remote: Annotated[RemoteSpec, Field(description="The hosted API of this tier.")]
+
+    @field_validator("name")
+    @classmethod
+    def _not_local(cls, value: str) -> str:
+        if value == "local":
+            raise ValueError("tier name 'local' is reserved for the deployment's own replicas")
+        return value
+
+
+class SpilloverSpec(SpecModel):
+    """Tiers after the local replicas: requests spill to them by a rule, within their spend budgets."""
+
+    tiers: Annotated[list[Tier], Field(min_length=1, max_length=1, description="The tier spilled to (one for now).")]
+    when: Annotated[SpilloverRule, Field(description="When a request spills.")] = SpilloverRule()
+
+
 class InferenceDeploymentSpec(SpecModel):
     """Desired state of an InferenceDeployment."""
 
@@ -476,6 +643,10 @@ class InferenceDeploymentSpec(SpecModel):
     engine: Annotated[EngineSpec, Field(description="Engine-core limits per replica.")] = EngineSpec()
     placement: Annotated[PlacementSpec, Field(description="GPU placement constraints.")] = PlacementSpec()
     routing: Annotated[RoutingSpec, Field(description="How the sidecars pick a replica per request.")] = RoutingSpec()
+    spillover: Annotated[
+        SpilloverSpec | None,
+        Field(description="Tiers requests spill to when the local replicas are saturated (local mode)."),
+    ] = None
 
     @model_validator(mode="after")
     def _runtime_fits_source(self) -> Self:
@@ -486,7 +657,20 @@ class InferenceDeploymentSpec(SpecModel):
             )
         if self.runtime.kind is RuntimeKind.REMOTE and not managed:
             raise ValueError("runtime remote serves a hosted model: set model.source.runtimeManaged: true")
+        if (self.runtime.kind is RuntimeKind.REMOTE) != (self.runtime.remote is not None):
+            raise ValueError("runtime.remote is required with runtime kind remote, and only with it")
         return self
+
+    def for_tier(self, name: str) -> InferenceDeploymentSpec:
+        """The spec an engine of spill-over tier ``name`` runs: this model's names served by that tier's API."""
+        tiers = {t.name: t for t in self.spillover.tiers} if self.spillover else {}
+        if name not in tiers:
+            raise ValueError(f"no spill-over tier named {name!r}")
+        model = self.model.model_copy(
+            update={"source": WeightSource(runtime_managed=True), "quantization": Quantization.NONE}
+        )
+        runtime = RuntimeSpec(kind=RuntimeKind.REMOTE, remote=tiers[name].remote)
+        return self.model_copy(update={"model": model, "runtime": runtime, "replicas": 1, "spillover": None})
 
     def served_names(self) -> list[str]:
         return [self.model.name, *self.model.aliases]

@@ -24,7 +24,13 @@ log = logging.getLogger(__name__)
 RETRYABLE_STATUS = frozenset({429, 503})
 # Headers passed between hops. Everything else (hop-by-hop, auth) stays behind.
 FORWARDED_REQUEST_HEADERS = ("content-type", "x-request-id", "x-session-id", "x-modelfleet-priority")
-FORWARDED_RESPONSE_HEADERS = ("content-type", "retry-after", "x-request-id", "x-modelfleet-replica")
+FORWARDED_RESPONSE_HEADERS = (
+    "content-type",
+    "retry-after",
+    "x-request-id",
+    "x-modelfleet-replica",
+    "x-modelfleet-tier",
+)
 
 
 def new_session(limit: int = 1024) -> aiohttp.ClientSession:

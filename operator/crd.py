@@ -42,6 +42,11 @@ SPEC_RULES: dict[str, list[dict[str, str]]] = {
             "message": "runtime remote serves a hosted model: set model.source.runtimeManaged: true",
             "fieldPath": ".model.source",
         },
+        {
+            "rule": "(self.runtime.kind == 'remote') == has(self.runtime.remote)",
+            "message": "runtime.remote is required with runtime kind remote, and only with it",
+            "fieldPath": ".runtime.remote",
+        },
     ],
     "model": [
         {"rule": "self.mode == oldSelf.mode", "message": "model.mode is immutable: create a new deployment instead"},

@@ -1,6 +1,8 @@
 """HTTP surface of an engine replica (aiohttp: it sits on the hot path).
 
-Routes: the OpenAI-compatible API the sidecar forwards to, /v1/models,
+Routes: the OpenAI-compatible API the sidecar forwards to (chat and text
+completions, or /v1/embeddings, or /v1/rerank: the deployment's mode picks
+which one answers; see engine/pooling.py), /v1/models,
 /healthz (alive), /readyz (weights loaded; 503 with progress while loading,
 and with status "rebuilding" and the cause while the worker rebuilds the
 runner's session), /load (the sidecar's load view) and /metrics. With
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import aclosing
+from typing import TypeVar, cast
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -28,6 +31,8 @@ from pydantic import ValidationError
 from modelfleet.dataplane.engine.core import EngineCore
 from modelfleet.dataplane.engine.faults import FaultInjector
 from modelfleet.dataplane.engine.metrics import EngineMetrics
+from modelfleet.dataplane.engine.pooling import Embedder, PoolingService, require_mode
+from modelfleet.dataplane.engine.prefix_keys import PREFIX_KEY_HEADER, RecentPrefixKeys
 from modelfleet.dataplane.engine.service import EngineService
 from modelfleet.dataplane.engine.worker import EngineWorker
 from modelfleet.dataplane.httpserver import SSE_HEADERS, error_middleware, json_response
@@ -36,13 +41,16 @@ from modelfleet.dataplane.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    EmbeddingRequest,
+    RerankRequest,
+    WireModel,
     parse_json_body,
     parse_priority,
     unavailable,
     validation_error,
 )
 from modelfleet.dataplane.runners.base import ModelRunner, TextCodec
-from modelfleet.dataplane.spec import InferenceDeploymentSpec
+from modelfleet.dataplane.spec import InferenceDeploymentSpec, Mode
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +77,10 @@ class EngineState:
                 raise RuntimeError(f"{type(runner).__name__} has no fault_hook; fault injection needs one")
             runner.fault_hook = fault_injector.check
         self.service: EngineService | None = None
+        self.pooling: PoolingService | None = None  # embedding and rerank modes
         self.load_error: str | None = None
         self.draining = False
+        self.prefix_keys = RecentPrefixKeys()  # reported in /load for the sidecars' shared placement
 
     @property
     def progress(self) -> str:
@@ -86,6 +96,7 @@ async def _openai(
     request: web.Request, model: type[ChatCompletionRequest] | type[CompletionRequest]
 ) -> web.StreamResponse:
     state = request.app[STATE]
+    require_mode(state.spec, request.path)
     body = _drop_sglang_defaults(parse_json_body(await request.read()))
     try:
         req = model.model_validate(body)
@@ -93,7 +104,8 @@ async def _openai(
         raise validation_error(exc.errors(include_url=False)) from None
     priority = parse_priority(request.headers.get(PRIORITY_HEADER))
     service = state.ready_service()
-    prep = await service.prepare(req, request.headers.get("x-request-id"), priority)
+    prep = await service.prepare(req, request.headers.get("x-request-id"), priority, body)
+    state.prefix_keys.note(request.headers.get(PREFIX_KEY_HEADER))
     if not prep.stream:
         return json_response(await service.complete(prep), headers={"x-request-id": prep.request_id})
     async with aclosing(service.stream(prep)) as events:
@@ -113,6 +125,32 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     return await _openai(request, CompletionRequest)
+
+
+W = TypeVar("W", bound=WireModel)
+
+
+def _ready_pooling(state: EngineState, endpoint: str, model: type[W], raw: bytes) -> tuple[PoolingService, W]:
+    """Mode check, then the validated body, then readiness (503 while loading)."""
+    require_mode(state.spec, endpoint)
+    try:
+        req = model.model_validate(parse_json_body(raw))
+    except ValidationError as exc:
+        raise validation_error(exc.errors(include_url=False)) from None
+    state.ready_service()
+    if state.pooling is None:
+        raise unavailable(5, f"The model is not ready yet ({state.progress}).")
+    return state.pooling, req
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    pooling, req = _ready_pooling(request.app[STATE], "/v1/embeddings", EmbeddingRequest, await request.read())
+    return json_response(await pooling.embeddings(req))
+
+
+async def rerank(request: web.Request) -> web.Response:
+    pooling, req = _ready_pooling(request.app[STATE], "/v1/rerank", RerankRequest, await request.read())
+    return json_response(await pooling.rerank(req, request.headers.get("x-request-id")))
 
 
 async def models(request: web.Request) -> web.Response:
@@ -142,7 +180,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def load(request: web.Request) -> web.Response:
     state = request.app[STATE]
     ready = state.service is not None and not state.worker.rebuilding
-    body: dict[str, object] = {**state.core.load(), "ready": ready}
+    body: dict[str, object] = {**state.core.load(), "ready": ready, "prefix_keys": state.prefix_keys.report()}
     stats = getattr(state.runner, "runtime_stats", None)
     if callable(stats):
         runtime = stats()
@@ -226,6 +264,8 @@ def build_app(state: EngineState) -> web.Application:
     app[STATE] = state
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/rerank", rerank)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -258,8 +298,17 @@ async def _load_model(state: EngineState) -> None:
         log.error("loading the model failed: %s", state.load_error)
         return
     codec = getattr(state.runner, "codec", None)
-    if not isinstance(codec, TextCodec):
+    if getattr(state.runner, "forwards_openai", False):
+        codec = None  # it forwards the client's request; the upstream tokenizes
+    elif not isinstance(codec, TextCodec):
         state.load_error = "runner has no tokenizer"
         return
+    if state.spec.model.mode is not Mode.COMPLETION:
+        if not hasattr(state.runner, "embed"):
+            state.load_error = (
+                f"runtime {state.spec.runtime.kind.value} cannot serve mode {state.spec.model.mode.value}"
+            )
+            return
+        state.pooling = PoolingService(state.spec, cast(Embedder, state.runner), state.metrics)
     state.service = EngineService(state.spec, state.core, codec)
     log.info("engine ready: %s", ", ".join(state.spec.served_names()))

@@ -47,8 +47,8 @@ class _Waiter:
 
 
 def queue_cost(request: SequenceRequest) -> int:
-    """Tokens a request counts for in the queue: its prompt plus the most it may generate."""
-    return len(request.prompt_token_ids) + request.sampling.max_tokens
+    """Tokens a request counts for in the queue: its prompt (estimated, when forwarded) plus the most it may generate."""
+    return len(request.prompt_token_ids) + request.prompt_tokens_estimate + request.sampling.max_tokens
 
 
 class EngineCore:
@@ -61,6 +61,7 @@ class EngineCore:
         self._running = 0
         self._waiting: list[_Waiter] = []
         self._seq = itertools.count()
+        self._service_s: float | None = None  # moving average of admission-to-end seconds, for the wait estimate
 
     @property
     def running(self) -> int:
@@ -74,7 +75,7 @@ class EngineCore:
     def queued_tokens(self) -> int:
         return sum(w.tokens for w in self._waiting if not w.future.done())
 
-    def load(self) -> dict[str, int]:
+    def load(self) -> dict[str, int | float]:
         return {
             "running": self._running,
             "queued": self.queued,
@@ -82,7 +83,16 @@ class EngineCore:
             "max_num_seqs": self.limits.max_num_seqs,
             "max_queue_len": self.limits.max_queue_len,
             "max_queue_tokens": self.limits.max_queue_tokens,
+            "estimated_wait_s": round(self.estimated_wait_s(), 3),
         }
+
+    def estimated_wait_s(self) -> float:
+        """How long a request arriving now would wait for a slot: the queue ahead of it, served
+        ``maxNumSeqs`` at a time, each taking the recent average time in a slot."""
+        if self._service_s is None:
+            return 0.0
+        ahead = self.queued + (1 if self._running >= self.limits.max_num_seqs else 0)
+        return ahead * self._service_s / max(self.limits.max_num_seqs, 1)
 
     def _refuse(self, tokens: int) -> ApiError | None:
         """Why a request of this many tokens may not join the queue now, or None."""
@@ -144,8 +154,11 @@ class EngineCore:
         await self._acquire(request.priority, queue_cost(request))
         self.metrics.queue_seconds.observe(time.perf_counter() - enqueued)
         self._publish()
+        admitted = time.perf_counter()
         try:
             async for chunk in self.worker.execute(request):
                 yield chunk
         finally:
+            took = time.perf_counter() - admitted
+            self._service_s = took if self._service_s is None else 0.8 * self._service_s + 0.2 * took
             self._release()

@@ -97,27 +97,48 @@ RUNTIME_STATS: dict[str, tuple[str, str, str]] = {
     "scheduler_s": ("modelfleet_engine_scheduler_seconds", "counter", "Time in the step scheduler"),
     "drafted": ("modelfleet_engine_spec_draft_tokens", "counter", "Speculative draft tokens proposed"),
     "accepted": ("modelfleet_engine_spec_accepted_tokens", "counter", "Speculative draft tokens accepted"),
+    # remote runner (runners/remote.py)
+    "cost_usd": ("modelfleet_engine_cost_usd", "counter", "Estimated provider spend: usage times declared prices"),
+    "spend_hour_usd": ("modelfleet_engine_spend_hour_usd", "gauge", "Estimated spend in this clock hour (UTC)"),
+    "spend_day_usd": ("modelfleet_engine_spend_day_usd", "gauge", "Estimated spend in this UTC day"),
+    "upstream_requests": ("modelfleet_engine_upstream_requests", "counter", "Calls to the provider, retries included"),
+    "upstream_retries": ("modelfleet_engine_upstream_retries", "counter", "Provider calls that were retries"),
+    "upstream_errors": ("modelfleet_engine_upstream_errors", "counter", "Requests the provider failed or refused"),
+    "rate_limit_wait_s": (
+        "modelfleet_engine_rate_limit_wait_seconds",
+        "counter",
+        "Time requests waited for the declared rate limits",
+    ),
+    "rate_limited": ("modelfleet_engine_rate_limited", "counter", "Requests refused: rate limits beyond max wait"),
+    "budget_refusals": ("modelfleet_engine_budget_refusals", "counter", "Requests refused: spend budget used up"),
 }
 
 
 class RuntimeStatsCollector(Collector):
     """Reads the runner's counters at scrape time, so the step loop never touches prometheus objects."""
 
-    def __init__(self, source: Callable[[], dict[str, float]]) -> None:
+    def __init__(self, source: Callable[[], dict[str, float]], labels: dict[str, str] | None = None) -> None:
         self.source = source
+        self.labels = labels or {}
 
     def collect(self) -> Iterator[Metric]:
         stats = self.source()
         for key, (name, kind, text) in RUNTIME_STATS.items():
             if key not in stats:
                 continue
-            family = CounterMetricFamily(name, text) if kind == "counter" else GaugeMetricFamily(name, text)
-            family.add_metric([], float(stats[key]))
+            names = list(self.labels)
+            family = (
+                CounterMetricFamily(name, text, labels=names)
+                if kind == "counter"
+                else GaugeMetricFamily(name, text, labels=names)
+            )
+            family.add_metric(list(self.labels.values()), float(stats[key]))
             yield family
 
 
-def watch_runner(metrics: EngineMetrics, runner: object) -> None:
-    """Export the runner's runtime_stats() when it has them (the torch runner does; remote runners need not)."""
+def watch_runner(metrics: EngineMetrics, runner: object, *, tier: str = "local") -> None:
+    """Export the runner's runtime_stats() when it has them, labelled with the tier the engine serves
+    (``local``, or a spill-over tier's name), so spend adds up per tier."""
     source = getattr(runner, "runtime_stats", None)
     if callable(source):
-        metrics.registry.register(RuntimeStatsCollector(source))
+        metrics.registry.register(RuntimeStatsCollector(source, {"tier": tier}))

@@ -24,12 +24,15 @@ from modelfleet.dataplane.protocol import (
     model_not_found,
 )
 from modelfleet.dataplane.runners.base import (
+    OpenAIRequest,
     RunnerError,
     SamplingParams,
     SequenceRequest,
     TextCodec,
     TokenChunk,
+    UpstreamError,
 )
+from modelfleet.dataplane.runners.openai_stream import estimate_tokens
 from modelfleet.dataplane.spec import InferenceDeploymentSpec
 
 
@@ -55,7 +58,8 @@ SSE_DONE = b"data: [DONE]\n\n"
 class EngineService:
     """Turns OpenAI requests into runner sequences and chunks into responses."""
 
-    def __init__(self, spec: InferenceDeploymentSpec, core: EngineCore, codec: TextCodec) -> None:
+    def __init__(self, spec: InferenceDeploymentSpec, core: EngineCore, codec: TextCodec | None) -> None:
+        """``codec`` None: the runner forwards the client's request to an OpenAI-compatible server."""
         self.spec = spec
         self.core = core
         self.codec = codec
@@ -72,10 +76,17 @@ class EngineService:
         }
 
     async def prepare(
-        self, req: ChatCompletionRequest | CompletionRequest, request_id: str | None, priority: int = 0
+        self,
+        req: ChatCompletionRequest | CompletionRequest,
+        request_id: str | None,
+        priority: int = 0,
+        body: dict[str, Any] | None = None,
     ) -> Prepared:
+        """The request checked and turned into a sequence. ``body``: the JSON as sent, for forwarding runners."""
         if req.model not in self.spec.served_names():
             raise model_not_found(req.model)
+        if self.codec is None:
+            return self._prepare_forward(req, request_id, priority, body)
         if isinstance(req, ChatCompletionRequest):
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
             prompt_ids = await asyncio.to_thread(self.codec.encode_chat, messages)
@@ -130,6 +141,52 @@ class EngineService:
             include_usage=req.wants_usage_in_stream(),
         )
 
+    def _prepare_forward(
+        self,
+        req: ChatCompletionRequest | CompletionRequest,
+        request_id: str | None,
+        priority: int,
+        body: dict[str, Any] | None,
+    ) -> Prepared:
+        """A forwarding runner's sequence: the client's body, and an estimate of the prompt's tokens.
+
+        The provider tokenizes and enforces its own context length (its 400
+        reaches the client as it is); the estimate only sizes queue and rate
+        accounting.
+        """
+        chat = isinstance(req, ChatCompletionRequest)
+        if isinstance(req, ChatCompletionRequest):
+            text = "".join(m.text() for m in req.messages)
+        else:
+            text = req.prompt if isinstance(req.prompt, str) else " ".join(str(p) for p in req.prompt)
+        rid = request_id or uuid.uuid4().hex
+        limit = req.token_limit()
+        sampling = SamplingParams(
+            max_tokens=limit if limit is not None else self.max_model_len,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            seed=req.seed,
+            stop=req.stop_list(),
+            ignore_eos=req.ignore_eos,
+        )
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        forwarded = dict(body) if body is not None else req.model_dump(exclude_none=True)
+        return Prepared(
+            kind="chat" if chat else "text",
+            request_id=rid,
+            model=req.model,
+            sequence=SequenceRequest(
+                request_id=rid,
+                prompt_token_ids=(),
+                sampling=sampling,
+                priority=priority,
+                openai=OpenAIRequest(path, forwarded),
+                prompt_tokens_estimate=estimate_tokens(text),
+            ),
+            stream=req.stream,
+            include_usage=req.wants_usage_in_stream(),
+        )
+
     async def _chunks(self, prep: Prepared) -> AsyncGenerator[TokenChunk]:
         metrics = self.core.metrics
         started = time.perf_counter()
@@ -138,7 +195,7 @@ class EngineService:
         last: TokenChunk | None = None
         try:
             async for chunk in self.core.generate(prep.sequence):
-                if first and chunk.token_ids:
+                if first and (chunk.token_ids or chunk.text):
                     metrics.ttft_seconds.observe(time.perf_counter() - started)
                     first = False
                 last = chunk
@@ -155,18 +212,22 @@ class EngineService:
                 code="engine_rebuilding",
                 headers={"Retry-After": str(exc.retry_after_s)},
             ) from None
+        except UpstreamError as exc:  # a provider's refusal, or this runner's budget and rate limits
+            headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
+            raise ApiError(exc.status, str(exc), type=exc.type, code=exc.code, headers=headers) from None
         except RunnerError as exc:
             raise ApiError(500, f"Generation failed: {exc}", type="server_error", code="runner_error") from None
         finally:
             metrics.requests.labels(outcome=outcome).inc()
             metrics.e2e_seconds.observe(time.perf_counter() - started)
-            metrics.prompt_tokens.inc(len(prep.sequence.prompt_token_ids))
+            metrics.prompt_tokens.inc(last.prompt_tokens if last is not None else len(prep.sequence.prompt_token_ids))
             if last is not None:
                 metrics.generation_tokens.inc(last.completion_tokens)
 
     @staticmethod
     def _usage(chunk: TokenChunk | None, prompt_tokens: int) -> dict[str, int]:
         completion = chunk.completion_tokens if chunk else 0
+        prompt_tokens = chunk.prompt_tokens if chunk else prompt_tokens  # a forwarding runner's come from upstream
         return {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion,

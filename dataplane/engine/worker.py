@@ -119,11 +119,16 @@ class EngineWorker:
                 return
             except ContextFaultError as exc:
                 self._on_fault(session, exc)
+                cause = exc.cause
             if resumes >= self.max_resumes:
                 self.metrics.retriable_failures.inc()
+                what = (
+                    "The replica's device failed"
+                    if cause is SessionRebuildCause.DEVICE_CONTEXT_POISONED
+                    else f"The replica's session broke ({cause.value})"
+                )
                 raise EngineRebuildingError(
-                    f"The replica's device failed {resumes + 1} times during this request and is being rebuilt.",
-                    self.retry_after_s(),
+                    f"{what} {resumes + 1} times during this request and is being rebuilt.", self.retry_after_s()
                 )
             resumes += 1
             self.metrics.resumed.inc()
@@ -144,12 +149,12 @@ class EngineWorker:
         self._backoff_s = (
             0.0 if self._streak == 0 else min(self.backoff_base_s * 2 ** (self._streak - 1), self.backoff_cap_s)
         )
-        self.cause = f"{SessionRebuildCause.DEVICE_CONTEXT_POISONED.value}: {exc}"
+        self.cause = f"{exc.cause.value}: {exc}"
         self.metrics.context_faults.inc()
-        log.error("device context fault (%s); rebuilding after %.2f s", exc, self._backoff_s)
+        log.error("%s (%s); rebuilding after %.2f s", exc.cause.value, exc, self._backoff_s)
         self.metrics.rebuilding.set(1)
         self._attempt = asyncio.get_running_loop().create_future()
-        self._task = asyncio.create_task(self._rebuild(SessionRebuildCause.DEVICE_CONTEXT_POISONED))
+        self._task = asyncio.create_task(self._rebuild(exc.cause))
 
     async def _rebuild(self, cause: SessionRebuildCause) -> None:
         """Back off, rebuild; on failure fail the waiters and try again, backing off further."""

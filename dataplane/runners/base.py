@@ -8,10 +8,10 @@ Every runner streams the same ``TokenChunk`` objects, so everything above it
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from modelfleet.dataplane.spec import InferenceDeploymentSpec, RuntimeKind, WeightSource
 
@@ -21,6 +21,7 @@ __all__ = [
     "ExecuteBatch",
     "FinishReason",
     "ModelRunner",
+    "OpenAIRequest",
     "RateLimits",
     "RequiredMemory",
     "RunnerError",
@@ -31,6 +32,7 @@ __all__ = [
     "TextCodec",
     "TokenChunk",
     "TransportKind",
+    "UpstreamError",
     "WeightSource",
 ]
 
@@ -70,7 +72,23 @@ class ContextFaultError(RunnerError):
     Nothing the runner does per sequence can fix it; only ``rebuild_session``
     can. The engine worker reacts by rebuilding once for every affected
     sequence and resuming them (``SequenceRequest.resume_token_ids``).
+    ``cause`` is what the worker passes to ``rebuild_session``.
     """
+
+    def __init__(self, message: str, cause: SessionRebuildCause = SessionRebuildCause.DEVICE_CONTEXT_POISONED) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+class UpstreamError(RunnerError):
+    """An OpenAI-compatible upstream refused the request; its status and error body reach the client as they are."""
+
+    def __init__(self, status: int, message: str, *, type: str, code: str | None, retry_after: str | None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type
+        self.code = code
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +108,18 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenAIRequest:
+    """The client's request as sent, for runners that forward to an OpenAI-compatible server.
+
+    ``path`` is ``/v1/chat/completions`` or ``/v1/completions``; ``body`` the
+    parsed JSON body (the runner sets its own ``model`` and ``stream``).
+    """
+
+    path: str
+    body: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class SequenceRequest:
     """One sequence to generate: already tokenized, with its sampling settings.
 
@@ -104,6 +134,8 @@ class SequenceRequest:
     sampling: SamplingParams
     priority: int = 0
     resume_token_ids: tuple[int, ...] = ()
+    openai: OpenAIRequest | None = None  # set when the runner forwards requests (no token ids then)
+    prompt_tokens_estimate: int = 0  # forwarding runners: the prompt's size, estimated, for queue and rate accounting
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ loads the runtime it runs (the gateway never imports torch)."""
 from __future__ import annotations
 
 from modelfleet.dataplane.runners.base import ModelRunner, RunnerError
-from modelfleet.dataplane.spec import InferenceDeploymentSpec, RuntimeKind
+from modelfleet.dataplane.spec import InferenceDeploymentSpec, Mode, RuntimeKind
 
 
 def create_runner(spec: InferenceDeploymentSpec) -> ModelRunner:
@@ -16,6 +16,12 @@ def create_runner(spec: InferenceDeploymentSpec) -> ModelRunner:
             raise RunnerError(
                 f"runtime torch needs the torch extra: pip install 'modelfleet[torch]' ({exc.name} missing)"
             ) from None
+        if spec.model.mode is not Mode.COMPLETION:  # embedding and rerank: a bi-encoder, no generation
+            from modelfleet.dataplane.runners.embedding import EmbeddingRunner
+
+            return EmbeddingRunner(
+                dtype=spec.model.dtype, device=spec.runtime.device, cpu_threads=spec.runtime.cpu_threads
+            )
         return TorchRunner(
             dtype=spec.model.dtype,
             quantization=spec.model.quantization,
@@ -23,4 +29,8 @@ def create_runner(spec: InferenceDeploymentSpec) -> ModelRunner:
             engine=spec.engine,
             cpu_threads=spec.runtime.cpu_threads,
         )
+    if kind is RuntimeKind.REMOTE:
+        from modelfleet.dataplane.runners.remote import RemoteRunner
+
+        return RemoteRunner(spec)
     raise RunnerError(f"runtime {kind.value!r} is not available in this version of ModelFleet yet")

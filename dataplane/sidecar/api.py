@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from modelfleet.dataplane.httpserver import api_error_response, error_middleware, json_response
 from modelfleet.dataplane.protocol import ApiError
 from modelfleet.dataplane.sidecar.service import Coordinator
+from modelfleet.dataplane.sidecar.tiers import LOCAL_TIER, TIER_HEADER
 from modelfleet.dataplane.upstream import new_session, relay, request_headers, response_headers
 
 COORDINATOR = web.AppKey("coordinator", Coordinator)
@@ -23,7 +24,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     attempt = await coord.forward(request.path, body, request_headers(request.headers))
     upstream = attempt.response
     try:
-        headers = response_headers(upstream) | {"x-modelfleet-replica": str(coord.replica_index(attempt.url))}
+        tier = coord.tier_of(attempt.url)
+        headers = response_headers(upstream) | {TIER_HEADER: tier}
+        if tier == LOCAL_TIER:
+            headers["x-modelfleet-replica"] = str(coord.replica_index(attempt.url))
         streaming = upstream.headers.get("content-type", "").startswith("text/event-stream")
         if not streaming:
             try:
@@ -77,6 +81,8 @@ def build_app(coord: Coordinator) -> web.Application:
     app[COORDINATOR] = coord
     app.router.add_post("/v1/chat/completions", proxy)
     app.router.add_post("/v1/completions", proxy)
+    app.router.add_post("/v1/embeddings", proxy)
+    app.router.add_post("/v1/rerank", proxy)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

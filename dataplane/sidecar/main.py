@@ -16,18 +16,28 @@ from modelfleet.dataplane.sidecar.api import build_app
 from modelfleet.dataplane.sidecar.metrics import SidecarMetrics
 from modelfleet.dataplane.sidecar.routing import make_policy
 from modelfleet.dataplane.sidecar.service import Coordinator
-from modelfleet.dataplane.spec import RoutingSpec
+from modelfleet.dataplane.sidecar.tiers import Spillover, parse_tier_arg
+from modelfleet.dataplane.spec import InferenceDeploymentSpec, RoutingSpec, SpilloverSpec
+
+
+def _manifest_spec(path: Path, deployment: str) -> InferenceDeploymentSpec:
+    for dep in load_manifests(path):
+        if dep.metadata.name == deployment:
+            return dep.spec
+    raise ManifestError(f"{path} has no deployment named {deployment!r}")
 
 
 def manifest_routing(path: Path, deployment: str) -> RoutingSpec:
     """The ``spec.routing`` section of one deployment in a manifest (defaults where it has none)."""
-    for dep in load_manifests(path):
-        if dep.metadata.name == deployment:
-            return dep.spec.routing
-    raise ManifestError(f"{path} has no deployment named {deployment!r}")
+    return _manifest_spec(path, deployment).routing
 
 
-def run(settings: SidecarSettings, routing: RoutingSpec | None = None) -> None:
+def manifest_spillover(path: Path, deployment: str) -> SpilloverSpec | None:
+    """The ``spec.spillover`` section of one deployment in a manifest, if it has one."""
+    return _manifest_spec(path, deployment).spillover
+
+
+def run(settings: SidecarSettings, routing: RoutingSpec | None = None, spillover: SpilloverSpec | None = None) -> None:
     """``routing``: the manifest's section, whose policy ``settings.policy`` replaces when they differ."""
     if routing is None:
         routing = RoutingSpec(policy=settings.policy)
@@ -39,6 +49,7 @@ def run(settings: SidecarSettings, routing: RoutingSpec | None = None) -> None:
         make_policy(routing),
         SidecarMetrics(),
         retry_budget=settings.retry_budget,
+        spillover=_spillover(settings, spillover),
     )
     app = build_app(coord)
     if settings.kubernetes:
@@ -46,16 +57,34 @@ def run(settings: SidecarSettings, routing: RoutingSpec | None = None) -> None:
     asyncio.run(serve(app, settings.host, settings.port, shutdown_timeout=settings.shutdown_timeout_s))
 
 
+def _spillover(settings: SidecarSettings, spec: SpilloverSpec | None) -> Spillover | None:
+    if not settings.tiers or spec is None:
+        return None
+    tiers = [parse_tier_arg(arg) for arg in settings.tiers]
+    known = {t.name for t in spec.tiers}
+    unknown = [name for name, _ in tiers if name not in known]
+    if unknown:
+        raise ManifestError(f"--tier {unknown[0]}: not a tier of spec.spillover ({', '.join(sorted(known))})")
+    return Spillover(tiers, spec.when)
+
+
 def _discovery(coord: Coordinator, settings: SidecarSettings) -> Callable[[web.Application], AsyncIterator[None]]:
     """Cluster mode: peers from the EndpointSlices of ``settings.service`` (sidecar/discovery.py)."""
-    from modelfleet.dataplane.sidecar.discovery import PeerDiscovery, default_namespace, endpoint_slice_lister
+    from modelfleet.dataplane.sidecar.discovery import (
+        EndpointSliceWatcher,
+        PeerDiscovery,
+        api_access,
+        default_namespace,
+        endpoint_slice_lister,
+    )
 
     service = settings.service
     assert service, "cluster mode needs the headless Service's name"
     namespace = settings.namespace or default_namespace()
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        lister = await asyncio.to_thread(endpoint_slice_lister, service, namespace)
+        lister = await asyncio.to_thread(endpoint_slice_lister, service, namespace)  # the polling fallback
+        watcher = EndpointSliceWatcher(await asyncio.to_thread(api_access), namespace, service)
         discovery = PeerDiscovery(
             coord,
             lister,
@@ -63,6 +92,7 @@ def _discovery(coord: Coordinator, settings: SidecarSettings) -> Callable[[web.A
             port_name=settings.engine_port_name,
             default_port=settings.engine_port,
             interval_s=settings.discovery_interval_s,
+            watcher=watcher,
         )
         task = asyncio.create_task(discovery.run_forever())
         yield

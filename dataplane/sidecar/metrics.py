@@ -52,6 +52,12 @@ class SidecarMetrics:
             ["peer_index"],
             registry=r,
         )
+        self.tier_requests = Counter(
+            "modelfleet_sidecar_spilled_total",
+            "Requests sent to a spill-over tier instead of a local replica, by tier",
+            ["tier"],
+            registry=r,
+        )
         self.prefix_table_entries = Gauge(
             "modelfleet_sidecar_prefix_table_entries", "Prompt prefixes the PrefixAffinity table remembers", registry=r
         )

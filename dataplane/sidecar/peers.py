@@ -7,6 +7,12 @@ every other sidecar, but are up to one poll interval old. ``load`` takes the
 larger of the two instead of their sum, because the engine's numbers already
 count this sidecar's requests.
 
+The same /load carries the prompt-prefix keys the engine served recently
+(``prefix_keys``: hex digest -> requests; engine/prefix_keys.py bounds it):
+every sidecar reads every replica's, which is how PrefixAffinity's sidecars
+agree on where a prefix lives (placement.py). ``keys_version`` changes
+whenever that map does, so the policy recomputes placements only then.
+
 Health: a replica whose /readyz says 503 (loading, draining, rebuilding) is
 not ready on its own word and leaves at once; other failures (timeouts,
 refused connections, errors) eject it only after ``eject_after`` in a row, so
@@ -15,9 +21,13 @@ one lost probe does not move traffic. One passing check re-admits it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+MAX_REPORTED_KEYS = 1024  # read at most this many prefix keys from one /load (the engine sends 256 at most)
+_versions = itertools.count(1)
 
 
 class CheckResult(StrEnum):
@@ -41,7 +51,10 @@ class Peer:
     kv_usage: float | None = None
     prefix_hit_rate: float | None = None
     max_num_seqs: int | None = None  # the engine's batch capacity, from /load (None: not reported yet)
+    estimated_wait_s: float | None = None  # the engine's estimate of a new request's queue wait, from /load
     failures_in_a_row: int = 0
+    prefix_keys: dict[bytes, int] = field(default_factory=dict)  # digest -> requests served, from /load
+    keys_version: int = 0  # changes whenever prefix_keys does
 
     @property
     def load(self) -> int:
@@ -58,6 +71,16 @@ class Peer:
         self.kv_usage = _fraction(body.get("kv_usage"), self.kv_usage)
         self.prefix_hit_rate = _fraction(body.get("prefix_hit_rate"), self.prefix_hit_rate)
         self.max_num_seqs = _count(body.get("max_num_seqs"), self.max_num_seqs or 0) or None
+        wait = body.get("estimated_wait_s")
+        if isinstance(wait, int | float) and not isinstance(wait, bool) and wait >= 0:
+            self.estimated_wait_s = float(wait)
+        if "prefix_keys" in body:
+            self.set_prefix_keys(_prefix_keys(body["prefix_keys"]))
+
+    def set_prefix_keys(self, keys: dict[bytes, int]) -> None:
+        if keys != self.prefix_keys:
+            self.prefix_keys = keys
+            self.keys_version = next(_versions)
 
     def observe_check(self, result: CheckResult, eject_after: int) -> str | None:
         """Applies one health check; returns "admitted" or "ejected" when that changed, else None."""
@@ -80,10 +103,27 @@ class Peer:
         self.running = 0
         self.queued = 0
         self.queued_tokens = 0
+        self.set_prefix_keys({})  # a restarted engine's cache is empty; a live one says so again when re-admitted
 
 
 def _count(value: object, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+
+
+def _prefix_keys(value: object) -> dict[bytes, int]:
+    """``{hex digest: requests}`` from /load; malformed entries are skipped."""
+    if not isinstance(value, dict):
+        return {}
+    keys: dict[bytes, int] = {}
+    for hex_key, count in itertools.islice(value.items(), MAX_REPORTED_KEYS):
+        n = _count(count, 0)
+        if not isinstance(hex_key, str) or len(hex_key) != 32 or n == 0:
+            continue
+        try:
+            keys[bytes.fromhex(hex_key)] = n
+        except ValueError:
+            continue
+    return keys
 
 
 def _fraction(value: object, default: float | None) -> float | None:

@@ -12,20 +12,35 @@ Policies, as the spec names them (``spec.routing.policy``):
 - LeastOutstanding: the lowest ``Peer.load``; ties in turn.
 - PowerOfTwo: two distinct random eligible peers, the lower load of the two
   (ties: the first drawn). Seedable for tests.
-- PrefixAffinity: consistent hashing over a digest of the prompt's first
-  ``prefixChars`` characters, so requests that share a prefix meet its KV
-  blocks in one replica's prefix cache. A table remembers each prefix's home
-  (the ring owner when the prefix was first seen) so it stays put when peers
-  join. A request stays on its prefix's home unless the home is full: when
-  every eligible replica's load view carries its engine's ``max_num_seqs``,
+- PrefixAffinity: a digest of the prompt's first ``prefixChars`` characters
+  (the prefix key) picks a home replica, so requests that share a prefix meet
+  its KV blocks in one replica's prefix cache, and every sidecar picks the
+  same home without a central store. The home of a key, first match wins:
+  (1) the shared placement (``placement.py``) when some healthy replica's
+  /load reports the key: its owner (the replica that served it most, ties
+  to the first clockwise from the key), unless that replica holds more than
+  its even share of the reported keys, then the first replica clockwise
+  under that share; this overrides what this sidecar remembered; (2) this
+  sidecar's table, for a key it placed that no replica reports yet (the
+  reports are one poll old) or any more; (3) an unseen key: the first
+  replica clockwise from the key that is under the even share with the key
+  counted (with no reports, the ring owner), remembered in the table. Rules
+  (1) and (3) read only what every sidecar sees, so sidecars agree on new
+  keys and converge on reported ones; own recent placements are deliberately
+  not counted in (3), since they differ between sidecars. Reasons: "shared",
+  "remembered", "owner" (a new key). A request stays on its prefix's home
+  unless the home is full: when every eligible replica's load view carries
+  its engine's ``max_num_seqs``,
   full means ``load >= max_num_seqs`` (the request would queue there) and the
   request moves only to a replica with ``load < max_num_seqs``; without
   capacities, full means ``load + 1 > ceil(c * (total load + 1) / eligible
   peers)`` (bounded loads, c = ``loadBound``) and it moves only to a replica
   under that bound. Either way the detour is the first such replica clockwise
   from the key, and nobody with room means it stays home. A detour, or a home
-  that is unhealthy or was just tried ("failover"), does not rewrite the
-  home. No prompt: LeastOutstanding.
+  that is just tried ("failover"), does not rewrite the home; a home that is
+  unhealthy does not either, but its reports no longer count, so the shared
+  placement re-places the keys it reported over the healthy replicas. No
+  prompt: LeastOutstanding.
 - SessionAffinity: the ``x-session-id`` header hashed onto the same kind of
   ring, strictly: a session stays on its owner whatever the load (its turns
   share the conversation prefix, and every sidecar agrees on the owner) and
@@ -44,6 +59,7 @@ from typing import Protocol
 
 from modelfleet.dataplane.sidecar.hashring import HashRing
 from modelfleet.dataplane.sidecar.peers import Peer
+from modelfleet.dataplane.sidecar.placement import Placement, shared_placement
 from modelfleet.dataplane.sidecar.prefix_table import PrefixTable, prefix_digest
 from modelfleet.dataplane.spec import RoutingPolicyName, RoutingSpec
 
@@ -171,6 +187,18 @@ class PrefixAffinity:
         self._rings = _RingCache()
         self._fallback = LeastOutstanding()
         self.last_reason = "no_key"
+        self._placement = Placement(HashRing(()))
+        self._placement_of: tuple[tuple[str, int], ...] | None = None  # the reports it was computed from
+
+    def placement(self, peers: Sequence[Peer]) -> Placement:
+        """The shared placement over the healthy peers' reports, recomputed only when those change."""
+        healthy = [p for p in peers if p.healthy]
+        of = tuple((p.url, p.keys_version) for p in healthy)
+        if of != self._placement_of:
+            reports = {p.url: p.prefix_keys for p in healthy}
+            self._placement = shared_placement(reports, self._rings.get(peers))
+            self._placement_of = of
+        return self._placement
 
     def bound(self, eligible: Sequence[Peer]) -> int:
         """Most load a peer may carry and still take a key (the bounded-loads capacity)."""
@@ -186,15 +214,22 @@ class PrefixAffinity:
         by_url = {p.url: p for p in eligible}
         ring = [by_url[u] for u in self._rings.get(peers).walk(key) if u in by_url]  # eligible, clockwise from key
         has_room = self._room_rule(eligible)
-        home_url = self.table.get(key)
-        home: Peer | None
-        if home_url is None:  # unseen, or no table: the ring owner
-            home = ring[0]
-            self.table.put(key, home.url)
-            self.last_reason = "owner"
+        placement = self.placement(peers)
+        home_url = placement.homes.get(key)
+        if home_url is not None:  # reported by some replica: every sidecar agrees on this home
+            self.last_reason = "shared"
+            if self.table.get(key) != home_url:
+                self.table.put(key, home_url)
         else:
-            home = by_url.get(home_url)
-            self.last_reason = "remembered" if home is not None else "failover"
+            home_url = self.table.get(key)
+            self.last_reason = "remembered"
+            if home_url is None:  # unseen: the first replica clockwise under the even share
+                home_url = placement.place_new(key) or ring[0].url
+                self.table.put(key, home_url)
+                self.last_reason = "owner"
+        home = by_url.get(home_url)
+        if home is None:
+            self.last_reason = "failover"
         if home is not None and has_room(home):
             return home
         detour = next((p for p in ring if p is not home and has_room(p)), None)

@@ -6,7 +6,10 @@ Every ``health_interval_s`` (0.5 s while some replica is down) each replica's
 replica that refuses a connection while a request is forwarded is ejected at
 once. Requests that have not streamed a byte are retried on another replica
 within the retry budget (``upstream.open_upstream``); the policy sees the
-replicas already tried as excluded.
+replicas already tried as excluded. A request with a prompt-prefix key carries
+it to the engine in the ``x-modelfleet-prefix-key`` header (hex), and the
+engine reports the keys it served in /load (engine/prefix_keys.py): that is
+how PrefixAffinity's sidecars share where prefixes live (placement.py).
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from collections.abc import Sequence
 
 import aiohttp
 
+from modelfleet.dataplane.engine.prefix_keys import PREFIX_KEY_HEADER
 from modelfleet.dataplane.sidecar.metrics import SidecarMetrics
 from modelfleet.dataplane.sidecar.peers import CheckResult, Peer
 from modelfleet.dataplane.sidecar.request_key import request_info
 from modelfleet.dataplane.sidecar.routing import PrefixAffinity, RequestInfo, RoutingPolicy
+from modelfleet.dataplane.sidecar.tiers import LOCAL_TIER, Spillover
 from modelfleet.dataplane.upstream import Attempt, open_upstream
 
 log = logging.getLogger(__name__)
@@ -39,8 +44,10 @@ class Coordinator:
         retry_budget: int = 2,
         health_interval_s: float = 2.0,
         eject_after: int = 3,
+        spillover: Spillover | None = None,
     ) -> None:
         self.deployment = deployment
+        self.spillover = spillover
         self.policy = policy
         self.metrics = metrics
         self.retry_budget = retry_budget
@@ -61,8 +68,15 @@ class Coordinator:
     def replica_index(self, url: str) -> int:
         return self._index[url]
 
+    def tier_of(self, url: str) -> str:
+        """``local`` for the deployment's replicas, else the spill-over tier's name."""
+        name = self.spillover.name_of(url) if self.spillover is not None else None
+        return name or LOCAL_TIER
+
     def _peer(self, url: str) -> Peer | None:
         i = self._index.get(url)
+        if i is None and self.spillover is not None:
+            return self.spillover.peer(url)
         return self.peers[i] if i is not None else None
 
     def ready(self) -> bool:
@@ -76,7 +90,8 @@ class Coordinator:
 
     async def check_all(self) -> None:
         """One round of health checks and load polls over every peer."""
-        await asyncio.gather(*(self._check(p) for p in self.peers))
+        tiers = self.spillover.peers if self.spillover is not None else []
+        await asyncio.gather(*(self._check(p) for p in [*self.peers, *tiers]))
         m = self.metrics
         m.healthy_peers.set(sum(p.healthy for p in self.peers))
         for peer in self.peers:
@@ -131,6 +146,11 @@ class Coordinator:
         info = self.request_info(body, headers)
         picked: list[Peer] = []
         reasons: dict[str, str] = {}
+        spill = self.spillover.target(self.peers) if self.spillover is not None else None
+        if spill is not None:
+            return await self._forward_to_tier(spill, path, body, headers)
+        if info.prefix_key is not None:  # for the replica's /load report; never sent to a spill-over tier
+            headers = {**headers, PREFIX_KEY_HEADER: info.prefix_key.hex()}
 
         def pick(exclude: set[str]) -> str | None:
             peer = self.policy.pick(self.peers, info, exclude)
@@ -173,6 +193,29 @@ class Coordinator:
             reason=reasons.get(attempt.url, ""),
         ).inc()
         return attempt
+
+    async def _forward_to_tier(self, tier: Peer, path: str, body: bytes, headers: dict[str, str]) -> Attempt:
+        """One try at the spill-over tier; its refusal (budget spent, rate limited) reaches the client as it is."""
+        assert self.session is not None
+        name = self.tier_of(tier.url)
+        self.metrics.tier_requests.labels(tier=name).inc()
+        tier.outstanding += 1
+
+        def pick(exclude: set[str]) -> str | None:
+            return tier.url if tier.url not in exclude else None
+
+        def on_retry(url: str, reason: str) -> None:
+            tier.outstanding -= 1
+            if reason == "connect":
+                tier.eject()
+
+        try:
+            return await open_upstream(
+                self.session, pick, path, body, headers, retry_budget=0, on_retry=on_retry, what=f"tier {name!r}"
+            )
+        except BaseException:
+            self.metrics.failures.labels(kind="tier").inc()
+            raise
 
     def end(self, url: str) -> None:
         peer = self._peer(url)

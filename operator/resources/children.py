@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from modelfleet.dataplane.spec import KIND, InferenceDeploymentSpec, RuntimeKind
+from modelfleet.dataplane.spec import KIND, REMOTE_SECRETS_DIR, InferenceDeploymentSpec, RuntimeKind
 from modelfleet.operator.resources import names
 from modelfleet.operator.settings import OperatorSettings
 
@@ -66,8 +66,29 @@ def config_map(owner: Owner, spec: InferenceDeploymentSpec) -> dict[str, Any]:
     }
 
 
-def _config_hash(cm: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(cm["data"], sort_keys=True).encode()).hexdigest()[:16]
+def _config_hash(spec: InferenceDeploymentSpec) -> str:
+    """Changes the pod template on every spec change that needs new pods. A remote runtime's
+    ``runtime.remote`` is left out: its engine applies the changed ConfigMap in place
+    (dataplane/engine/config_watch.py), keeping its spend ledger and connections."""
+    wire = spec.to_wire()
+    if spec.runtime.kind is RuntimeKind.REMOTE:
+        wire.get("runtime", {}).pop("remote", None)
+    return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _secret_volumes(spec: InferenceDeploymentSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Volumes and engine mounts for the Secret an apiKey names (a volume, not an env var: the kubelet
+    updates the file when the Secret is rotated, and the remote runner reads it again on a 401)."""
+    remote = spec.runtime.remote
+    ref = remote.api_key.secret if remote is not None and remote.api_key is not None else None
+    if ref is None:
+        return [], []
+    volume = {
+        "name": "remote-api-key",
+        "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": ref.key}], "defaultMode": 0o440},
+    }
+    mount = {"name": "remote-api-key", "mountPath": f"{REMOTE_SECRETS_DIR}/{ref.name}", "readOnly": True}
+    return [volume], [mount]
 
 
 RESTRICTED = {
@@ -109,10 +130,11 @@ def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
 
 
 def deployment(
-    owner: Owner, spec: InferenceDeploymentSpec, settings: OperatorSettings, placement: PodPlacement, cm: dict[str, Any]
+    owner: Owner, spec: InferenceDeploymentSpec, settings: OperatorSettings, placement: PodPlacement
 ) -> dict[str, Any]:
     name = owner.name
     gpu = placement.gpus_per_replica
+    secret_volumes, secret_mounts = _secret_volumes(spec)
     engine_resources: dict[str, Any] = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "8Gi"}}
     if gpu and placement.gpu_resource:
         engine_resources["requests"][placement.gpu_resource] = str(gpu)
@@ -149,6 +171,7 @@ def deployment(
             {"name": "config", "mountPath": names.CONFIG_DIR, "readOnly": True},
             {"name": "cache", "mountPath": "/cache"},
             {"name": "tmp", "mountPath": "/tmp"},
+            *secret_mounts,
         ],
     }
     sidecar = {
@@ -208,6 +231,7 @@ def deployment(
             {"name": "cache", "emptyDir": {}},
             {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "256Mi"}},
             KUBE_API_ACCESS,
+            *secret_volumes,
         ],
     }
     if spec.placement.node_selector and gpu:
@@ -243,7 +267,7 @@ def deployment(
             "template": {
                 "metadata": {
                     "labels": names.labels(name),
-                    "annotations": {"modelfleet.io/config-hash": _config_hash(cm)},
+                    "annotations": {"modelfleet.io/config-hash": _config_hash(spec)},
                 },
                 "spec": pod_spec,
             },
@@ -329,7 +353,7 @@ def plan_children(
     return [
         cm,
         *sidecar_access(owner),
-        deployment(owner, spec, settings, placement, cm),
+        deployment(owner, spec, settings, placement),
         *services(owner),
         pod_disruption_budget(owner),
     ]

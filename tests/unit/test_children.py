@@ -138,3 +138,42 @@ def test_sidecar_discovers_peers_with_a_read_only_account_of_its_own():
     binding = kinds[("RoleBinding", "chat-sidecar")]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "chat-sidecar"}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "chat-sidecar", "namespace": "llm"}]
+
+
+def remote_spec(**remote: object) -> InferenceDeploymentSpec:
+    return InferenceDeploymentSpec.model_validate(
+        {
+            "model": {"name": "hosted", "source": {"runtimeManaged": True}},
+            "runtime": {"kind": "remote", "remote": {"baseUrl": "https://api.example.com/v1", **remote}},
+        }
+    )
+
+
+def test_remote_api_key_secret_is_mounted_into_the_engine_only():
+    s = remote_spec(apiKey={"secret": {"name": "provider-key", "key": "token"}})
+    dep = by_kind(plan_children(OWNER, s, SETTINGS, PodPlacement()))[("Deployment", "chat")]
+    pod = dep["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "remote-api-key")
+    assert volume["secret"]["secretName"] == "provider-key"
+    assert volume["secret"]["items"] == [{"key": "token", "path": "token"}]  # no subPath: rotations reach the file
+    engine, sidecar = pod["containers"]
+    mount = next(m for m in engine["volumeMounts"] if m["name"] == "remote-api-key")
+    assert mount["readOnly"] and f"{mount['mountPath']}/token" == s.runtime.remote.api_key.secret.mounted_path(
+        "/var/run/modelfleet/secrets"
+    )
+    assert all(m["name"] != "remote-api-key" for m in sidecar["volumeMounts"])
+    assert all("token" not in str(e) for e in engine["env"])  # never an env var holding the key
+
+
+def test_remote_endpoint_change_is_applied_in_place_but_engine_change_rolls_pods():
+    key = "modelfleet.io/config-hash"
+
+    def template_hash(s: InferenceDeploymentSpec) -> str:
+        dep = by_kind(plan_children(OWNER, s, SETTINGS, PodPlacement()))[("Deployment", "chat")]
+        return str(dep["spec"]["template"]["metadata"]["annotations"][key])
+
+    base = template_hash(remote_spec())
+    assert template_hash(remote_spec(headers={"x-team": "ads"})) == base  # the engine reloads runtime.remote
+    assert template_hash(remote_spec(maxRetries=5)) == base
+    moved = remote_spec().model_copy(update={"engine": remote_spec().engine.model_copy(update={"max_num_seqs": 3})})
+    assert template_hash(moved) != base

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from modelfleet.dataplane.engine.prefix_keys import PREFIX_KEY_HEADER, RecentPrefixKeys
 from modelfleet.dataplane.sidecar.api import build_app
 from modelfleet.dataplane.sidecar.metrics import SidecarMetrics
 from modelfleet.dataplane.sidecar.request_key import prompt_prefix
@@ -32,9 +34,12 @@ class StandIn:
     served: int = 0
     url: str = ""
     runner: web.AppRunner | None = None
+    keys: RecentPrefixKeys | None = None  # set: note and report prefix keys in /load, as the engine does
 
     async def chat(self, request: web.Request) -> web.Response:
         prefix = prompt_prefix(await request.read(), 256) or ""
+        if self.keys is not None:
+            self.keys.note(request.headers.get(PREFIX_KEY_HEADER))
         self.hits += prefix in self.seen
         self.seen.add(prefix)
         self.served += 1
@@ -44,7 +49,8 @@ class StandIn:
         return web.json_response({"status": "ready"})
 
     async def load(self, request: web.Request) -> web.Response:
-        return web.json_response({"running": 0, "queued": 0, "ready": True})
+        reported = {"prefix_keys": self.keys.report()} if self.keys is not None else {}
+        return web.json_response({"running": 0, "queued": 0, "ready": True, **reported})
 
     async def start(self) -> None:
         app = web.Application()
@@ -145,3 +151,30 @@ async def test_an_engine_that_goes_away_is_ejected_and_its_prefixes_move(engines
     assert 'modelfleet_sidecar_ejections_total{cause="connect"' in metrics
     assert 'modelfleet_sidecar_retries_total{reason="connect"} 1.0' in metrics
     assert 'policy="PrefixAffinity"' in metrics and 'reason="owner"' in metrics
+
+
+async def test_two_sidecars_converge_on_one_even_placement_through_the_engines_reports(engines):
+    for e in engines:
+        e.keys = RecentPrefixKeys()
+    runner_a, sidecar_a, _ = await start_sidecar("PrefixAffinity", engines)
+    runner_b, sidecar_b, _ = await start_sidecar("PrefixAffinity", engines)
+    served: dict[int, list[str]] = {i: [] for i in range(len(SYSTEM_PROMPTS))}
+    try:
+        async with aiohttp.ClientSession() as client:
+            for q in range(8):
+                for i, system in enumerate(SYSTEM_PROMPTS):
+                    sidecar = (sidecar_a, sidecar_b)[(q + i) % 2]  # each prompt alternates between the sidecars
+                    async with client.post(sidecar + "/v1/chat/completions", json=body(system, f"q{q}")) as resp:
+                        assert resp.status == 200
+                        served[i].append(json.loads(await resp.read())["served_by"])
+                await asyncio.sleep(0.15)  # a few /load polls (every 0.05 s) between rounds
+            metrics = await (await client.get(sidecar_b + "/metrics")).text()
+    finally:
+        await runner_a.cleanup()
+        await runner_b.cleanup()
+    assert sum(len(e.keys.report()) for e in engines if e.keys is not None) >= len(SYSTEM_PROMPTS)  # headers arrived
+    last = {i: s[-4:] for i, s in served.items()}  # once the reports are in, both sidecars agree
+    assert all(len(set(s)) == 1 for s in last.values()), last
+    per_engine = Counter(s[0] for s in last.values())
+    assert max(per_engine.values()) <= 2  # 5 prompts over 3 engines: at most ceil(5 / 3) each
+    assert 'reason="shared"' in metrics

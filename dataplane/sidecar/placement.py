@@ -1,0 +1,101 @@
+"""Where prompt prefixes live, computed identically by every sidecar from the engines' reports.
+
+Each engine reports in /load the prefix keys it served recently and how many
+requests each brought (engine/prefix_keys.py). Every sidecar polls every
+replica, so all of them hold the same reports, up to one poll interval apart,
+and this module turns them into the same placement without a central store:
+
+1. Owner of a reported key: the replica that served it most; a tie goes to
+   the tied replica first clockwise from the key on the hash ring.
+2. Even shares: with K distinct keys over N replicas a replica keeps at most
+   ``key_cap(K, N)`` = ceil(K/N) + floor(KEY_SLACK * K/N) keys (exactly even
+   while K/N < 4, e.g. 8 tenants over 4 replicas -> 2 each; some slack for
+   many keys, where hashing alone is already close to even, so that keys
+   coming and going do not shuffle the rest). Keys are taken in digest order;
+   each stays with its owner while the owner is under the cap.
+3. A key whose owner is full goes to the first replica clockwise from the
+   key that is under the cap (there always is one).
+
+An unseen key (reported by nobody) goes to the first replica clockwise from
+it that is under ``key_cap(K + 1, N)``: with no reports at all, its ring
+owner. So when several sidecars meet the same new prefix at once they choose
+the same replica, and once that replica reports it, everyone keeps it there.
+A key moved by rule 3 stays where it went: its old replica keeps reporting it
+(with the older, larger count) until the key ages out there, and while it
+does the same rules send the key to the same new replica.
+
+Only healthy replicas count, and their reports only: an ejected replica's
+keys are placed again over the others; when it comes back, its own report
+(empty after a restart, still listing its keys if it only missed checks)
+decides whether they return.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from modelfleet.dataplane.sidecar.hashring import HashRing
+
+KEY_SLACK = 0.25
+
+
+def key_cap(keys: int, replicas: int) -> int:
+    """The most keys one replica keeps when ``keys`` are spread over ``replicas``."""
+    even = keys / replicas
+    return math.ceil(even) + math.floor(KEY_SLACK * even)
+
+
+@dataclass
+class Placement:
+    """Homes of the reported keys, and how many keys each replica holds."""
+
+    ring: HashRing
+    homes: dict[bytes, str] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # every healthy replica, 0 included
+
+    def place_new(self, key: bytes) -> str | None:
+        """Where an unseen key goes: the first replica clockwise from it under the cap with that key counted."""
+        if not self.counts:
+            return None
+        cap = key_cap(len(self.homes) + 1, len(self.counts))
+        return next((u for u in self.ring.walk(key) if self.counts.get(u, cap) < cap), None)
+
+
+def shared_placement(reports: Mapping[str, Mapping[bytes, int]], ring: HashRing) -> Placement:
+    """The placement every sidecar computes from the same reports (healthy replica URL -> its keys)."""
+    placement = Placement(ring, counts=dict.fromkeys(reports, 0))
+    reporters: dict[bytes, list[tuple[str, int]]] = {}
+    for url, keys in reports.items():
+        for key, served in keys.items():
+            reporters.setdefault(key, []).append((url, served))
+    if not reporters:
+        return placement
+    cap = key_cap(len(reporters), len(reports))
+    counts, homes = placement.counts, placement.homes
+    moved: list[bytes] = []
+    for key in sorted(reporters):
+        owner = _owner(key, reporters[key], ring)
+        if counts[owner] < cap:
+            homes[key] = owner
+            counts[owner] += 1
+        else:
+            moved.append(key)
+    for key in moved:
+        found = next((u for u in ring.walk(key) if counts.get(u, cap) < cap), None)
+        # None only when a reporting replica is missing from the ring: then the emptiest one
+        url = found if found is not None else min(counts, key=lambda u: (counts[u], u))
+        homes[key] = url
+        counts[url] += 1
+    return placement
+
+
+def _owner(key: bytes, reporters: list[tuple[str, int]], ring: HashRing) -> str:
+    if len(reporters) == 1:
+        return reporters[0][0]
+    most = max(served for _, served in reporters)
+    tied = {url for url, served in reporters if served == most}
+    if len(tied) == 1:
+        return next(iter(tied))
+    return next((u for u in ring.walk(key) if u in tied), min(tied))
