@@ -44,12 +44,13 @@ from modelfleet.dataplane.protocol import (
     EmbeddingRequest,
     RerankRequest,
     WireModel,
+    model_not_found,
     parse_json_body,
     parse_priority,
     unavailable,
     validation_error,
 )
-from modelfleet.dataplane.runners.base import ModelRunner, TextCodec
+from modelfleet.dataplane.runners.base import ModelRunner, TextCodec, UpstreamError
 from modelfleet.dataplane.spec import InferenceDeploymentSpec, Mode
 
 log = logging.getLogger(__name__)
@@ -143,13 +144,44 @@ def _ready_pooling(state: EngineState, endpoint: str, model: type[W], raw: bytes
     return state.pooling, req
 
 
+async def _forward_pooling(state: EngineState, endpoint: str, model: type[W], raw: bytes) -> web.Response | None:
+    """A forwarding runner (a hosted API) answers embeddings and rerank itself: checked here, computed there."""
+    forward = getattr(state.runner, "forward_json", None)
+    if forward is None:
+        return None
+    require_mode(state.spec, endpoint)
+    body = parse_json_body(raw)
+    try:
+        req = model.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc.errors(include_url=False)) from None
+    name = str(getattr(req, "model", ""))
+    if name not in state.spec.served_names():
+        raise model_not_found(name)
+    state.ready_service()
+    try:
+        answer = await forward(endpoint, body)
+    except UpstreamError as exc:
+        headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
+        raise ApiError(exc.status, str(exc), type=exc.type, code=exc.code, headers=headers) from None
+    return json_response({**answer, "model": name})
+
+
 async def embeddings(request: web.Request) -> web.Response:
-    pooling, req = _ready_pooling(request.app[STATE], "/v1/embeddings", EmbeddingRequest, await request.read())
+    raw = await request.read()
+    forwarded = await _forward_pooling(request.app[STATE], "/v1/embeddings", EmbeddingRequest, raw)
+    if forwarded is not None:
+        return forwarded
+    pooling, req = _ready_pooling(request.app[STATE], "/v1/embeddings", EmbeddingRequest, raw)
     return json_response(await pooling.embeddings(req))
 
 
 async def rerank(request: web.Request) -> web.Response:
-    pooling, req = _ready_pooling(request.app[STATE], "/v1/rerank", RerankRequest, await request.read())
+    raw = await request.read()
+    forwarded = await _forward_pooling(request.app[STATE], "/v1/rerank", RerankRequest, raw)
+    if forwarded is not None:
+        return forwarded
+    pooling, req = _ready_pooling(request.app[STATE], "/v1/rerank", RerankRequest, raw)
     return json_response(await pooling.rerank(req, request.headers.get("x-request-id")))
 
 
@@ -303,7 +335,7 @@ async def _load_model(state: EngineState) -> None:
     elif not isinstance(codec, TextCodec):
         state.load_error = "runner has no tokenizer"
         return
-    if state.spec.model.mode is not Mode.COMPLETION:
+    if state.spec.model.mode is not Mode.COMPLETION and codec is not None:  # forwarding runners answer themselves
         if not hasattr(state.runner, "embed"):
             state.load_error = (
                 f"runtime {state.spec.runtime.kind.value} cannot serve mode {state.spec.model.mode.value}"

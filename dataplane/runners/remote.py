@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -51,7 +52,7 @@ from modelfleet.dataplane.runners.base import (
     WeightSource,
 )
 from modelfleet.dataplane.runners.limits import SpendLedger, TokenBucket
-from modelfleet.dataplane.runners.openai_stream import token_chunks, upstream_body, upstream_error
+from modelfleet.dataplane.runners.openai_stream import estimate_tokens, token_chunks, upstream_body, upstream_error
 from modelfleet.dataplane.spec import REMOTE_SECRETS_DIR, InferenceDeploymentSpec, RemoteSpec
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,51 @@ class RemoteRunner:
                 self.ledger.add(cost)
                 self.stats["cost_usd"] += cost
 
+    async def forward_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A non-streaming call (``/v1/embeddings``, ``/v1/rerank``) under the same budget, limits, retries and
+        cost accounting; a 401/403 reads the credential again and tries once more."""
+        self._check_budget()
+        text = json.dumps(body.get("input", body.get("query", "")), ensure_ascii=False)
+        charged = await self._admit_tokens(estimate_tokens(text) + 1)
+        forwarded = {**body, "model": self.model}
+        url = self.base_url + path.removeprefix("/v1")
+        for attempt in range(2):
+            try:
+                resp = await self._open(url, forwarded, accept="application/json")
+            except ContextFaultError as exc:
+                if attempt:
+                    raise UpstreamError(
+                        502, f"Provider error: {exc}", type="server_error", code="upstream_auth", retry_after=None
+                    ) from None
+                await self.rebuild_session(exc.cause)
+                continue
+            try:
+                answer = await resp.json(content_type=None)
+            except (aiohttp.ClientError, ValueError, TimeoutError) as exc:
+                raise UpstreamError(
+                    502,
+                    f"The provider's answer could not be read ({type(exc).__name__}).",
+                    type="server_error",
+                    code="upstream_failed",
+                    retry_after=None,
+                ) from None
+            finally:
+                resp.release()
+            if not isinstance(answer, dict):
+                raise UpstreamError(
+                    502, "The provider's answer is not a JSON object.", type="server_error", code=None, retry_after=None
+                )
+            raw_usage = answer.get("usage")
+            usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
+            prompt_tokens = int(usage.get("prompt_tokens") or usage.get("total_tokens") or 0)
+            if self._tokens is not None and prompt_tokens < charged:
+                self._tokens.give_back(charged - prompt_tokens)
+            cost = self._cost(prompt_tokens, 0)
+            self.ledger.add(cost)
+            self.stats["cost_usd"] += cost
+            return answer
+        raise AssertionError("unreachable")
+
     def _check_budget(self) -> None:
         refusal = self.ledger.refusal()
         if refusal is None:
@@ -248,7 +294,9 @@ class RemoteRunner:
 
     async def _admit(self, seq: SequenceRequest) -> int:
         """Wait for the rate limits (bounded); returns the tokens charged."""
-        tokens = seq.prompt_tokens_estimate + seq.sampling.max_tokens
+        return await self._admit_tokens(seq.prompt_tokens_estimate + seq.sampling.max_tokens)
+
+    async def _admit_tokens(self, tokens: int) -> int:
         wait = 0.0
         if self._requests is not None:
             wait = max(wait, self._requests.wait_s(1))
@@ -276,13 +324,13 @@ class RemoteRunner:
             return tokens
         return 0
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"content-type": "application/json", "accept": "text/event-stream", **self.remote.headers}
+    def _headers(self, accept: str) -> dict[str, str]:
+        headers = {"content-type": "application/json", "accept": accept, **self.remote.headers}
         if self._key is not None:
             headers["authorization"] = f"Bearer {self._key}"
         return headers
 
-    async def _open(self, url: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
+    async def _open(self, url: str, body: dict[str, Any], accept: str = "text/event-stream") -> aiohttp.ClientResponse:
         """POST until a 200 arrives, retrying what may be retried; raises what reaches the client."""
         session = self._session
         if session is None:
@@ -301,7 +349,7 @@ class RemoteRunner:
             self.stats["upstream_requests"] += 1
             try:
                 resp = await asyncio.wait_for(
-                    session.post(url, json=body, headers=self._headers(), timeout=timeout),
+                    session.post(url, json=body, headers=self._headers(accept), timeout=timeout),
                     remote.first_byte_timeout_seconds,
                 )
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:

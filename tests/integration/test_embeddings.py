@@ -169,3 +169,56 @@ def test_embeddings_from_the_chat_deployment_is_a_clear_400(stack):
     assert "serves chat and text completions" in error["message"] and "/v1/chat/completions" in error["message"]
     resp = post(stack, "/v1/rerank", {"model": "smollm2", "query": QUERY, "documents": DOCS})
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "unsupported_endpoint"
+
+
+@pytest.fixture(scope="module")
+def remote_minilm(minilm, tmp_path_factory):
+    """Remote-runner deployments whose provider is the MiniLM stack above: a real OpenAI-compatible
+    embeddings API on loopback (hosted providers cannot be reached from these machines)."""
+    tmp = tmp_path_factory.mktemp("remote-minilm")
+    manifest = tmp / "remote.yaml"
+    manifest.write_text(
+        f"""
+apiVersion: modelfleet.io/v1alpha1
+kind: InferenceDeployment
+metadata: {{name: hosted-embed}}
+spec:
+  model: {{name: hosted-embed, mode: embedding, source: {{runtimeManaged: true}}}}
+  runtime:
+    kind: remote
+    remote: {{baseUrl: "{minilm.base_url}/v1", model: minilm, pricing: {{inputUsdPerMillion: 100}}}}
+---
+apiVersion: modelfleet.io/v1alpha1
+kind: InferenceDeployment
+metadata: {{name: hosted-rerank}}
+spec:
+  model: {{name: hosted-rerank, mode: rerank, source: {{runtimeManaged: true}}}}
+  runtime:
+    kind: remote
+    remote: {{baseUrl: "{minilm.base_url}/v1", model: minilm-rerank}}
+"""
+    )
+    s = start_stack(manifest, tmp)
+    yield s
+    if s.proc.poll() is None:
+        stop_stack(s)
+
+
+def test_embeddings_and_rerank_through_a_remote_runner(remote_minilm, minilm):
+    direct = vectors(minilm.client().embeddings.create(model=MODEL, input=[CAT, KITTEN, STOCKS]))
+    reply = remote_minilm.client().embeddings.create(model="hosted-embed", input=[CAT, KITTEN, STOCKS])
+    v = vectors(reply)
+    assert reply.model == "hosted-embed"
+    np.testing.assert_allclose(v, direct, atol=1e-6)  # the provider's vectors, untouched
+    assert v[0] @ v[1] > 0.5 > v[0] @ v[2]
+    assert reply.usage.prompt_tokens > 0
+    ranked = post(remote_minilm, "/v1/rerank", {"model": "hosted-rerank", "query": QUERY, "documents": DOCS})
+    assert ranked.status_code == 200, ranked.text
+    expected = post(minilm, "/v1/rerank", {"model": "minilm-rerank", "query": QUERY, "documents": DOCS}).json()
+    assert [r["index"] for r in ranked.json()["results"]] == [r["index"] for r in expected["results"]]
+    wrong = post(
+        remote_minilm,
+        "/v1/chat/completions",
+        {"model": "hosted-embed", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "unsupported_endpoint"
