@@ -56,6 +56,7 @@ bench: ## run the benchmarks (prints tables; record results in bench/RESULTS.md)
 	$(PY) bench/decode_throughput.py
 	$(PY) bench/llamacpp_compare.py
 	$(PY) bench/router_overhead.py
+	$(PY) bench/remote_overhead.py
 
 clean: ## remove build outputs (keeps the caches outside the repo)
 	rm -rf build .mypy_cache .ruff_cache .pytest_cache

@@ -431,6 +431,7 @@ def measure(
         "p50": pct(e2e, 0.5) * 1000,
         "p99": pct(e2e, 0.99) * 1000,
         "ttfb50": pct(ttfb, 0.5) * 1000,
+        "ttfb99": pct(ttfb, 0.99) * 1000,
         "router_cpu": sum(b - a for a, b in zip(cpu_start, cpu_end, strict=True)) / duration * 100,
         **{f"cpu:{p.name}": (b - a) / duration * 100 for p, a, b in zip(procs, cpu_start, cpu_end, strict=True)},
         "client_cpu": sum(float(part["cpu_s"]) for part in parts) / duration * 100,  # type: ignore[arg-type]
