@@ -40,7 +40,8 @@ class SidecarSettings(_Base):
     namespace: str | None = None  # None: the pod's own namespace (its ServiceAccount mount)
     engine_port_name: str = "engine"  # the EndpointSlice port that is the engine's
     engine_port: int | None = Field(default=None, ge=1, le=65535)  # for slices without that port name
-    discovery_interval_s: float = Field(default=5.0, gt=0)
+    discovery_interval_s: float = Field(default=5.0, gt=0)  # polling: without a watch, or while it fails
+    discovery_watch_timeout_s: int = Field(default=300, ge=1)  # each EndpointSlice watch is renewed after this
 
 
 class GatewaySettings(_Base):

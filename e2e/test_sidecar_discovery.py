@@ -162,7 +162,10 @@ def test_sidecar_peers_follow_the_endpoint_slices(k8s, namespace, stand_ins, tmp
              "--kubernetes", "--service", SERVICE, "--namespace", namespace, "--discovery-interval", "0.3",
              "--policy", "RoundRobin", "--port", str(port)],
             stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1",
+                 # an open watch outlives a revoked RoleBinding (the API server authorizes it once): renew
+                 # it every 2 s so the refusal below is met within the test's wait
+                 "MODELFLEET_DISCOVERY_WATCH_TIMEOUT_S": "2"},
         )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
 

@@ -1,10 +1,9 @@
 """Cluster mode: the sidecar's peers are the endpoints of its deployment's headless Service.
 
-Every ``interval_s`` the sidecar lists the EndpointSlices labelled
-``kubernetes.io/service-name=<service>`` in its namespace (the same
-list-and-replace approach as the gateway's ``discovery.py``, with the official
-client in a worker thread) and hands ``Coordinator.set_peers`` one URL,
-``http://<address>:<port>``, per endpoint that may take traffic:
+The sidecar follows the EndpointSlices labelled
+``kubernetes.io/service-name=<service>`` in its namespace (watched, with
+polling as the fallback: see below) and hands ``Coordinator.set_peers`` one
+URL, ``http://<address>:<port>``, per endpoint that may take traffic:
 
 - ``conditions.ready`` false: left out. Unset counts as ready, as the API
   documents. The operator's headless Service publishes not-ready addresses, so
@@ -21,6 +20,21 @@ reached at its pod IP, and every sidecar of a deployment sees the same sorted
 list, so the hash rings of PrefixAffinity and SessionAffinity agree between
 sidecars and ``peer_index`` means the same replica in each sidecar's metrics.
 
+How the sidecar follows the slices: with a ``watcher`` (what the sidecar
+process uses), one list, then a watch from that list's ``resourceVersion``
+(the Kubernetes watch API over aiohttp, streamed: ADDED / MODIFIED / DELETED
+events update the slices, bookmarks only the version). A watch the API server
+ends (``timeoutSeconds``) resumes from the last version seen; ``410 Gone``
+(that version was compacted away) lists again. A peer change is seen within
+one event, not up to ``interval_s`` later. When a list or a watch fails, the
+sidecar falls back to polling: one list every ``interval_s`` through the
+``lister`` (the official client in a worker thread, the gateway's
+list-and-replace approach), trying the watch again after each. Without a
+watcher it polls only. An open watch outlives a revoked RoleBinding (the API
+server authorizes a watch when it starts), so a refusal shows at the next
+renewal, every ``EndpointSliceWatcher.timeout_s`` (300 s; the sidecar setting
+``discovery_watch_timeout_s``).
+
 A failed list (API server unreachable, RBAC denied, timeout) keeps the last
 known peers and logs a warning; so does a list with no usable endpoint (the
 sidecar's own pod is always in it, with ``publishNotReadyAddresses``, so an
@@ -32,11 +46,16 @@ with (the operator passes the pod's own engine on loopback).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 from modelfleet.dataplane.sidecar.service import Coordinator
 
@@ -45,6 +64,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 WARN_EVERY_S = 60.0  # a persistent failure is logged again at most this often
+WATCH_TIMEOUT_S = 300  # the API server ends each watch after this; the sidecar resumes from its last version
 
 
 def _slice_port(slice_: Mapping[str, Any], port_name: str, default_port: int | None) -> int | None:
@@ -126,6 +146,100 @@ def endpoint_slice_lister(service: str, namespace: str) -> Callable[[], list[Map
     return list_slices
 
 
+class WatchGone(Exception):
+    """The watch's resourceVersion is too old (410 Gone): list again."""
+
+
+@dataclass
+class ApiAccess:
+    """How aiohttp reaches the API server: its base URL, the auth headers of the moment, TLS."""
+
+    host: str
+    headers: Callable[[], dict[str, str]]
+    ssl: ssl.SSLContext | bool = True
+
+
+def api_access() -> ApiAccess:
+    """From the official client's configuration (in-cluster, else kubeconfig), as the lister uses it."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    cfg: Any = client.Configuration.get_default_copy()
+    tls: ssl.SSLContext | bool = False
+    if cfg.verify_ssl:
+        tls = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
+    if cfg.cert_file:  # client certificates (a kubeconfig's user)
+        if not isinstance(tls, ssl.SSLContext):
+            tls = ssl.create_default_context()
+            tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+        tls.load_cert_chain(cfg.cert_file, cfg.key_file)
+
+    def headers() -> dict[str, str]:
+        if cfg.refresh_api_key_hook is not None:  # in-cluster: the projected token is rotated on disk
+            cfg.refresh_api_key_hook(cfg)
+        token = cfg.get_api_key_with_prefix("authorization") or cfg.get_api_key_with_prefix("BearerToken")
+        return {"Authorization": token} if token else {}
+
+    return ApiAccess(str(cfg.host).rstrip("/"), headers, tls)
+
+
+class EndpointSliceWatcher:
+    """List and watch one Service's EndpointSlices with aiohttp (the Kubernetes watch API, streamed)."""
+
+    def __init__(self, access: ApiAccess, namespace: str, service: str, timeout_s: int = WATCH_TIMEOUT_S) -> None:
+        self.access = access
+        self.timeout_s = timeout_s
+        self.url = f"{access.host}/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices"
+        self.selector = f"{SERVICE_NAME_LABEL}={service}"
+
+    async def list(self, session: aiohttp.ClientSession) -> tuple[list[dict[str, Any]], str]:
+        """The slices and the list's resourceVersion."""
+        params = {"labelSelector": self.selector}
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with session.get(
+            self.url, params=params, headers=self.access.headers(), ssl=self.access.ssl, timeout=timeout
+        ) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"list answered {resp.status} {resp.reason}")
+            body = await resp.json()
+        return list(body.get("items") or []), str((body.get("metadata") or {}).get("resourceVersion", ""))
+
+    async def watch(self, session: aiohttp.ClientSession, resource_version: str) -> AsyncIterator[dict[str, Any]]:
+        """The events after ``resource_version`` until the server ends the watch; WatchGone on 410."""
+        params = {
+            "labelSelector": self.selector,
+            "watch": "1",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(self.timeout_s),
+        }
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.timeout_s + 30)
+        async with session.get(
+            self.url, params=params, headers=self.access.headers(), ssl=self.access.ssl, timeout=timeout
+        ) as resp:
+            if resp.status == 410:
+                raise WatchGone()
+            if resp.status != 200:
+                raise RuntimeError(f"watch answered {resp.status} {resp.reason}")
+            buffer = b""
+            async for data in resp.content.iter_any():  # one JSON event per line; a slice may be a long line
+                buffer += data
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    obj = event.get("object") or {}
+                    if event.get("type") == "ERROR":
+                        if obj.get("code") == 410:
+                            raise WatchGone()
+                        raise RuntimeError(f"watch error {obj.get('code')}: {obj.get('message', '')}"[:300])
+                    yield event
+
+
 class PeerDiscovery:
     """Keeps a Coordinator's peers equal to the ready endpoints of a Service."""
 
@@ -138,9 +252,14 @@ class PeerDiscovery:
         port_name: str = "engine",
         default_port: int | None = None,
         interval_s: float = 5.0,
+        watcher: EndpointSliceWatcher | None = None,
     ) -> None:
         self.coordinator = coordinator
         self.lister = lister
+        self.watcher = watcher
+        self.slices: dict[str, dict[str, Any]] = {}  # the watch's view: slice name -> slice
+        self.resource_version = ""
+        self._watch_failing = False
         self.service = service
         self.port_name = port_name
         self.default_port = default_port
@@ -167,6 +286,10 @@ class PeerDiscovery:
         except Exception as exc:  # keep the last known peers: the API server may be restarting
             self._warn("listing the EndpointSlices of %s failed (%s)", self.service, _describe(exc))
             return False
+        return await self._apply(slices)
+
+    async def _apply(self, slices: Iterable[Mapping[str, Any]]) -> bool:
+        """Hands the peers of these slices to the coordinator; True when the peer set changed."""
         urls = peers_from_slices(slices, self.port_name, self.default_port)
         if not urls:
             self._warn("Service %s has no ready endpoint", self.service)
@@ -183,6 +306,63 @@ class PeerDiscovery:
         return True
 
     async def run_forever(self) -> None:
+        if self.watcher is None:
+            while True:
+                await self.refresh()
+                await asyncio.sleep(self.interval_s)
+        async with aiohttp.ClientSession() as session:
+            while True:
+                try:
+                    await self.list_and_watch(session)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # API server unreachable, RBAC, a broken stream: poll, then watch again
+                    if not self._watch_failing:  # once per outage; the polls report their own failures
+                        self._watch_failing = True
+                        log.warning(
+                            "watching the EndpointSlices of %s failed (%s); polling every %g s until it works",
+                            self.service,
+                            _describe(exc),
+                            self.interval_s,
+                        )
+                    await self.refresh()
+                    await asyncio.sleep(self.interval_s)
+
+    async def list_and_watch(self, session: aiohttp.ClientSession) -> None:
+        """One list, then watches from its resourceVersion; returns on 410 Gone (the caller lists again)."""
+        assert self.watcher is not None
+        items, self.resource_version = await self.watcher.list(session)
+        if self._watch_failing:
+            self._watch_failing = False
+            log.info("watching the EndpointSlices of %s again", self.service)
+        self.slices = {_name(s): s for s in items}
+        await self._apply(self.slices.values())
         while True:
-            await self.refresh()
-            await asyncio.sleep(self.interval_s)
+            started, events = time.monotonic(), 0
+            try:
+                async for event in self.watcher.watch(session, self.resource_version):
+                    events += 1
+                    self._on_event(event)
+                    if event.get("type") != "BOOKMARK":
+                        await self._apply(self.slices.values())
+            except WatchGone:
+                log.info("watch of %s expired (410 Gone); listing again", self.service)
+                return
+            if not events and time.monotonic() - started < 1.0:
+                raise RuntimeError("the watch ended at once")  # not the server's timeout: poll for a while
+            # the server ended the watch (timeoutSeconds): resume from the last version seen
+
+    def _on_event(self, event: Mapping[str, Any]) -> None:
+        obj = event.get("object") or {}
+        version = (obj.get("metadata") or {}).get("resourceVersion")
+        if version:
+            self.resource_version = str(version)
+        kind = event.get("type")
+        if kind in ("ADDED", "MODIFIED"):
+            self.slices[_name(obj)] = obj
+        elif kind == "DELETED":
+            self.slices.pop(_name(obj), None)
+
+
+def _name(slice_: Mapping[str, Any]) -> str:
+    return str((slice_.get("metadata") or {}).get("name", ""))

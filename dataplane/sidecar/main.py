@@ -84,7 +84,8 @@ def _discovery(coord: Coordinator, settings: SidecarSettings) -> Callable[[web.A
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         lister = await asyncio.to_thread(endpoint_slice_lister, service, namespace)  # the polling fallback
-        watcher = EndpointSliceWatcher(await asyncio.to_thread(api_access), namespace, service)
+        access = await asyncio.to_thread(api_access)
+        watcher = EndpointSliceWatcher(access, namespace, service, settings.discovery_watch_timeout_s)
         discovery = PeerDiscovery(
             coord,
             lister,

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from modelfleet.dataplane.sidecar.discovery import PeerDiscovery, endpoint_takes_traffic, peers_from_slices
+import pytest
+from aiohttp import web
+
+from modelfleet.dataplane.sidecar.discovery import (
+    ApiAccess,
+    EndpointSliceWatcher,
+    PeerDiscovery,
+    endpoint_takes_traffic,
+    peers_from_slices,
+)
 from modelfleet.dataplane.sidecar.metrics import SidecarMetrics
 from modelfleet.dataplane.sidecar.routing import make_policy
 from modelfleet.dataplane.sidecar.service import Coordinator
@@ -135,7 +149,7 @@ def test_cli_cluster_mode_flags_reach_the_settings(monkeypatch, capsys):
     from modelfleet.dataplane.sidecar import main as sidecar_main
 
     seen = []
-    monkeypatch.setattr(sidecar_main, "run", lambda settings, routing=None: seen.append(settings))
+    monkeypatch.setattr(sidecar_main, "run", lambda settings, *sections: seen.append(settings))
     argv = ["sidecar", "--deployment", "chat", "--kubernetes", "--service", "chat-peers", "--namespace", "llm"]
     assert cli.main([*argv, "--engine-port", "8001", "--discovery-interval", "0.5", "--port", "8000"]) == 0
     (s,) = seen
@@ -146,3 +160,115 @@ def test_cli_cluster_mode_flags_reach_the_settings(monkeypatch, capsys):
     assert cli.main(["sidecar", "--deployment", "chat", "--kubernetes", "--port", "8000"]) == 2
     assert "--service" in capsys.readouterr().err
     assert cli.main(["sidecar", "--deployment", "chat", "--port", "8000"]) == 2  # neither peers nor discovery
+
+
+class FakeApiServer:
+    """The EndpointSlice list and watch of a kube-apiserver, scripted: each watch plays the next script."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+        self.version = "1"
+        self.list_status = 200
+        self.scripts: list[list[dict[str, Any]] | int] = []  # events, or an HTTP status to answer the watch with
+        self.lists = 0
+        self.watched_from: list[str] = []
+        self.selectors: set[str] = set()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.selectors.add(request.query["labelSelector"])
+        if request.query.get("watch") != "1":
+            self.lists += 1
+            body = {"kind": "EndpointSliceList", "metadata": {"resourceVersion": self.version}, "items": self.items}
+            return web.json_response(body, status=self.list_status)
+        self.watched_from.append(request.query["resourceVersion"])
+        script = self.scripts.pop(0) if self.scripts else []
+        if isinstance(script, int):
+            return web.json_response({"kind": "Status", "code": script}, status=script)
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for event in script:
+            await resp.write(json.dumps(event).encode() + b"\n")
+            await asyncio.sleep(0.01)
+        if not self.scripts:
+            await asyncio.sleep(3600)  # the last watch stays open, as a real one does until timeoutSeconds
+        return resp
+
+
+def event(kind: str, obj: dict[str, Any], version: str) -> dict[str, Any]:
+    obj = {**obj, "metadata": {**obj.get("metadata", {}), "resourceVersion": version}}
+    return {"type": kind, "object": obj}
+
+
+@pytest.fixture
+async def api_server() -> AsyncIterator[tuple[FakeApiServer, str]]:
+    fake = FakeApiServer()
+    app = web.Application()
+    app.router.add_get("/apis/discovery.k8s.io/v1/namespaces/ns/endpointslices", fake.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield fake, f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await runner.cleanup()
+
+
+async def wait_for(condition: Callable[[], bool], within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def urls(coord: Coordinator) -> list[str]:
+    return [p.url for p in coord.peers]
+
+
+async def test_the_watch_follows_events_resumes_from_the_last_version_and_relists_on_410(api_server):
+    fake, base = api_server
+    fake.items, fake.version = [slice_("a", endpoint("10.0.0.1"))], "5"
+    b = slice_("b", endpoint("10.0.0.2"))
+    fake.scripts = [
+        [
+            event("ADDED", b, "6"),
+            event("MODIFIED", slice_("a", endpoint("10.0.0.1", ready=False)), "7"),
+            event("BOOKMARK", {"metadata": {}}, "8"),
+        ],  # then the server ends this watch (its timeoutSeconds)
+        [{"type": "ERROR", "object": {"kind": "Status", "code": 410, "message": "too old resource version"}}],
+        [event("DELETED", b, "21")],
+    ]
+    coord = coordinator("http://127.0.0.1:8001")
+    watcher = EndpointSliceWatcher(ApiAccess(base, lambda: {"Authorization": "Bearer t"}), "ns", "chat-peers")
+    lister = Lister()
+    discovery = PeerDiscovery(coord, lister, service="ns/chat-peers", interval_s=60, watcher=watcher)
+    task = asyncio.create_task(discovery.run_forever())
+    try:
+        await wait_for(lambda: urls(coord) == ["http://10.0.0.2:8001"])  # b added, a not ready: no 5 s poll needed
+        fake.items, fake.version = [slice_("a", endpoint("10.0.0.3")), b], "20"  # what the re-list will see
+        await wait_for(lambda: fake.watched_from == ["5", "8", "20"] and urls(coord) == ["http://10.0.0.3:8001"])
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert fake.lists == 2  # once at the start, once after 410 Gone
+    assert fake.selectors == {"kubernetes.io/service-name=chat-peers"}
+
+
+async def test_a_failing_watch_falls_back_to_polling_then_watches_again(api_server, caplog):
+    fake, base = api_server
+    fake.list_status = 403  # RBAC without list: the watcher cannot start
+    coord = coordinator("http://127.0.0.1:8001")
+    lister = Lister()
+    lister.answer = [slice_("a", endpoint("10.0.0.7"))]
+    watcher = EndpointSliceWatcher(ApiAccess(base, dict), "ns", "chat-peers")
+    discovery = PeerDiscovery(coord, lister, service="ns/chat-peers", interval_s=0.05, watcher=watcher)
+    task = asyncio.create_task(discovery.run_forever())
+    try:
+        await wait_for(lambda: urls(coord) == ["http://10.0.0.7:8001"])  # the polling fallback
+        assert any("polling" in r.getMessage() for r in caplog.records)
+        fake.list_status, fake.items = 200, [slice_("a", endpoint("10.0.0.8"))]
+        fake.scripts = [410, []]  # a 410 status on the first watch: list again, then watch
+        await wait_for(lambda: urls(coord) == ["http://10.0.0.8:8001"] and len(fake.watched_from) >= 2)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
