@@ -208,13 +208,23 @@ class RuntimeSpec(SpecModel):
     extra_args: Annotated[
         list[str], Field(max_length=64, description="Extra command-line flags passed to vllm/sglang servers.")
     ] = []
+    gpu_memory_utilization: Annotated[
+        float,
+        Field(
+            gt=0.0,
+            le=1.0,
+            description="vLLM and SGLang: the fraction of each GPU's memory the server may claim for weights, "
+            "activations and KV cache (vLLM --gpu-memory-utilization, SGLang --mem-fraction-static).",
+        ),
+    ] = 0.9
     remote: Annotated[
         RemoteSpec | None, Field(description="The hosted API, with runtime kind remote (required then).")
     ] = None
 
 
 class SpeculativeSpec(SpecModel):
-    """Prompt-lookup speculative decoding: drafts copied from the sequence's own history, verified in one forward."""
+    """Speculative decoding: drafts copied from the sequence's own history (prompt lookup), or proposed by a
+    smaller draft model (vLLM and SGLang only), verified in one forward."""
 
     num_draft_tokens: Annotated[int, Field(ge=1, le=16, description="Draft tokens proposed per step.")] = 4
     min_acceptance_rate: Annotated[
@@ -234,6 +244,15 @@ class SpeculativeSpec(SpecModel):
             "a wide batch already uses the weights read by each step.",
         ),
     ] = 4
+    draft_model: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            max_length=512,
+            description="vLLM and SGLang: a smaller model of the same tokenizer that proposes the drafts "
+            "(a Hugging Face repo id or a local path), instead of prompt lookup.",
+        ),
+    ] = None
 
 
 class EngineSpec(SpecModel):
@@ -659,6 +678,10 @@ class InferenceDeploymentSpec(SpecModel):
             raise ValueError("runtime remote serves a hosted model: set model.source.runtimeManaged: true")
         if (self.runtime.kind is RuntimeKind.REMOTE) != (self.runtime.remote is not None):
             raise ValueError("runtime.remote is required with runtime kind remote, and only with it")
+        speculative = self.engine.speculative
+        if speculative is not None and speculative.draft_model is not None:
+            if self.runtime.kind not in (RuntimeKind.VLLM, RuntimeKind.SGLANG):
+                raise ValueError("engine.speculative.draftModel needs runtime vllm or sglang")
         return self
 
     def for_tier(self, name: str) -> InferenceDeploymentSpec:
