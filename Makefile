@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: help run test venv venv-test lint typecheck unit integration e2e k8s bench clean crds
+.PHONY: help run test venv venv-test lint typecheck unit integration e2e k8s bench clean crds fuzz
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -39,6 +39,10 @@ unit: venv-test ## unit tests only (no sockets, no model)
 
 integration: venv-test ## integration tests (real servers on loopback, the real model)
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+fuzz: venv-test ## schemathesis against a real gateway: about 9,000 generated requests, new random cases each run
+	MODELFLEET_FUZZ_EXAMPLES=$${MODELFLEET_FUZZ_EXAMPLES:-1000} MODELFLEET_FUZZ_RANDOM=1 \
+	  $(PY) -m pytest tests/integration/test_fuzz_gateway.py -s $(PYTEST_ARGS)
 
 k8s: ## build or install the test control plane into the cache (kube-apiserver, etcd, ...)
 	@scripts/k8s-install.sh

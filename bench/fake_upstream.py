@@ -40,6 +40,11 @@ def _json(obj: object) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
+def _error(message: str, kind: str) -> bytes:
+    """An error body in the full OpenAI shape (the gateway relays it as is; tests check the shape)."""
+    return _json({"error": {"message": message, "type": kind, "param": None, "code": None}})
+
+
 class Answers:
     """Every response body, built once: the server only picks one per request."""
 
@@ -184,7 +189,7 @@ class Server(asyncio.Protocol):
         if method == "GET":
             found = a.get.get(path)
             if found is None:
-                return _response(404, _json({"error": {"message": f"no {path}", "type": "not_found_error"}}))
+                return _response(404, _error(f"no {path}", "not_found_error"))
             key: object = ("get", path)
             if key not in self.wire:
                 ctype = "text/plain" if path == "/metrics" else "application/json"
@@ -194,7 +199,7 @@ class Server(asyncio.Protocol):
             try:
                 req = json.loads(body or b"{}")
             except ValueError:
-                return _response(400, _json({"error": {"message": "bad JSON", "type": "invalid_request_error"}}))
+                return _response(400, _error("bad JSON", "invalid_request_error"))
             kind = "chat" if path == "/v1/chat/completions" else "text"
             if req.get("stream"):
                 usage = bool((req.get("stream_options") or {}).get("include_usage"))
@@ -206,7 +211,7 @@ class Server(asyncio.Protocol):
             if key not in self.wire:
                 self.wire[key] = _response(200, a.whole[kind])
             return self.wire[key]
-        return _response(404, _json({"error": {"message": f"no {method} {path}", "type": "not_found_error"}}))
+        return _response(404, _error(f"no {method} {path}", "not_found_error"))
 
 
 async def serve(host: str, port: int, chunks: int, model: str, log_requests: bool = False) -> None:
