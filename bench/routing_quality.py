@@ -64,6 +64,7 @@ import urllib.error
 import urllib.request
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -178,6 +179,29 @@ async def one(client: openai.AsyncOpenAI, tenant: int | None, question: str, tok
     return await stream_ttft(client, MODEL, messages, tokens)
 
 
+async def one_traced(client: openai.AsyncOpenAI, tenant: int, question: str, tokens: int) -> tuple[float, float, str]:
+    """As ``one``, timed the same way, plus the replica that served it (the sidecar's x-modelfleet-replica)."""
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": system_prompt(tenant)},
+        {"role": "user", "content": question},
+    ]
+    start = time.perf_counter()
+    first = None
+    raw = await client.chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=tokens,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    async for chunk in raw.parse():
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter() - start
+    end = time.perf_counter() - start
+    return (first if first is not None else end), end, raw.headers.get("x-modelfleet-replica", "?")
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
@@ -193,13 +217,23 @@ async def run_workload(base_url: str, engines: list[str], args: argparse.Namespa
     gate = asyncio.Semaphore(args.concurrency)
     async with openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=600) as client:
 
-        async def limited(tenant: int, question: str) -> tuple[float, float]:
+        async def limited(tenant: int, question: str) -> tuple[float, float, str]:
             async with gate:
-                return await one(client, tenant, question, args.tokens)
+                if args.dump is not None:
+                    return await one_traced(client, tenant, question, args.tokens)
+                return (*await one(client, tenant, question, args.tokens), "")
 
         start = time.perf_counter()
-        results = await asyncio.gather(*(limited(t, q) for t, q in workload(args)))
+        work = workload(args)
+        results = await asyncio.gather(*(limited(t, q) for t, q in work))
         wall = time.perf_counter() - start
+    if args.dump is not None:  # per request, in workload order: for reading where a tail comes from
+        rows = [
+            {"i": i, "tenant": t, "ttft_ms": r[0] * 1000, "e2e_ms": r[1] * 1000, "replica": r[2]}
+            for i, ((t, _), r) in enumerate(zip(work, results, strict=True))
+        ]
+        with args.dump.open("a") as out:
+            out.write(json.dumps({"contender": args.current, "requests": rows}) + "\n")
     hits = sum(metric(u, "modelfleet_engine_prefix_cache_hit_tokens_total") for u in engines) - hits0
     per_engine = [metric(u, "modelfleet_engine_prefix_cache_queried_tokens_total") for u in engines]
     queried = sum(per_engine) - queried0
@@ -300,6 +334,7 @@ def main() -> None:
     parser.add_argument("--load-bound", type=float, default=1.25, help="routing.loadBound of PrefixAffinity")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    parser.add_argument("--dump", type=Path, help="append each contender's per-request TTFTs (JSON lines) here")
     args = parser.parse_args()
     if args.tenants > len(BUSINESSES):
         parser.error(f"--tenants: at most {len(BUSINESSES)}")
@@ -308,6 +343,7 @@ def main() -> None:
     rows: dict[str, dict[str, float]] = {}
     for name in args.contenders:
         print(f"{name}: starting", file=sys.stderr, flush=True)
+        args.current = name
         rows[name] = r = run_contender(name, args, workdir)
         print(
             f"{name}: TTFT p50 {r['ttft_p50_ms']:.0f} ms, p90 {r['ttft_p90_ms']:.0f} ms, {r['req_per_s']:.2f} req/s,"
