@@ -41,3 +41,19 @@ class GatewayMetrics:
             ["deployment"],
             registry=r,
         )
+        # API keys (gateway/auth.py): the key label is a key's name from the keys file, never the key
+        self.auth_refused = Counter(
+            "modelfleet_gateway_auth_refused_total",
+            "Requests refused by authentication, authorization or a per-key limit",
+            ["reason", "key"],
+            registry=r,
+        )
+        self.key_requests = Counter(
+            "modelfleet_gateway_key_requests_total", "Admitted requests per API key", ["key", "status"], registry=r
+        )
+        self.key_prompt_tokens = Counter(
+            "modelfleet_gateway_key_prompt_tokens_total", "Prompt tokens per API key", ["key"], registry=r
+        )
+        self.key_completion_tokens = Counter(
+            "modelfleet_gateway_key_completion_tokens_total", "Generated tokens per API key", ["key"], registry=r
+        )
