@@ -19,6 +19,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from modelfleet.dataplane.gateway.auth import AuthConfig, GatewayAuth
+from modelfleet.dataplane.gateway.cors import CorsPolicy, install_cors
 from modelfleet.dataplane.gateway.metrics import GatewayMetrics
 from modelfleet.dataplane.gateway.openapi import openapi_document
 from modelfleet.dataplane.gateway.routes import RoutingTable
@@ -138,19 +140,50 @@ async def _send(request: web.Request, relayed: Relayed) -> web.StreamResponse:
 
 
 def create_app(
-    table: RoutingTable, refresher: Callable[[GatewayService], Coroutine[Any, Any, None]] | None = None
+    table: RoutingTable,
+    refresher: Callable[[GatewayService], Coroutine[Any, Any, None]] | None = None,
+    *,
+    auth_config: AuthConfig | None = None,
+    cors: CorsPolicy | None = None,
 ) -> web.Application:
-    """The gateway; ``refresher`` (cluster mode) keeps ``service.table`` current."""
+    """The gateway; ``refresher`` (cluster mode) keeps ``service.table`` current.
+
+    ``auth_config``: API keys and admin token (gateway/auth.py; None: open); ``cors``: CORS (None: off).
+    """
     metrics = GatewayMetrics()
     service = GatewayService(table, metrics)
     openapi = json.dumps(openapi_document(), separators=(",", ":")).encode()
+    auth = GatewayAuth(auth_config, metrics) if auth_config is not None else None
+    keys = auth if auth is not None and auth.enforcing else None  # None: the OpenAI routes are open
 
     async def openai(request: web.Request, endpoint: str, model: Wire) -> web.StreamResponse:
+        if keys is None:
+            raw = await request.read()
+            req = parse_request(model, raw, request.headers.get("content-type"))
+            return await answer(request, endpoint, req, raw)
+        key = keys.authenticate(request.headers)  # 401 before the body is read
         raw = await request.read()
         req = parse_request(model, raw, request.headers.get("content-type"))
+        grant = keys.admit(key, req, len(raw), service.table)  # 403, 429
+        resp = None
+        try:
+            resp = await answer(request, endpoint, req, raw, grant.usage)
+            return resp
+        finally:
+            grant.release(resp.status if resp is not None else None)
+
+    async def answer(
+        request: web.Request,
+        endpoint: str,
+        req: GatewayRequest,
+        raw: bytes,
+        on_usage: Callable[[int, int], None] | None = None,
+    ) -> web.StreamResponse:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         try:
-            relayed = await service.forward(endpoint, req, request_id, request.headers, raw=upstream_body(req, raw))
+            relayed = await service.forward(
+                endpoint, req, request_id, request.headers, raw=upstream_body(req, raw), on_usage=on_usage
+            )
         except ApiError as exc:
             service.count_error(endpoint, exc)
             return api_error_response(exc)
@@ -166,12 +199,17 @@ def create_app(
 
         return plain, engine
 
+    def listing(request: web.Request) -> dict[str, Any]:
+        if keys is None:
+            return service.models()
+        return keys.visible_models(keys.authenticate(request.headers), service.models(), service.table)
+
     async def models(request: web.Request) -> web.Response:
-        return json_response(service.models())
+        return json_response(listing(request))
 
     async def engine_models(request: web.Request) -> web.Response:
         known_engine(request.match_info["runtime"])
-        return json_response(service.models())
+        return json_response(listing(request))
 
     async def healthz(request: web.Request) -> web.Response:
         return json_response({"status": "alive"})
@@ -180,6 +218,8 @@ def create_app(
         return json_response({"status": "ready"})
 
     async def prometheus(request: web.Request) -> web.Response:
+        if auth is not None:
+            auth.check_admin(request.headers)  # the admin token, never an API key
         return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def openapi_json(request: web.Request) -> web.Response:
@@ -223,4 +263,8 @@ def create_app(
         await service.session.close()
 
     app.cleanup_ctx.append(lifecycle)
+    if auth is not None:
+        app.cleanup_ctx.append(auth.watching)  # reload the keys when their file changes
+    if cors is not None:
+        install_cors(app, cors)
     return app

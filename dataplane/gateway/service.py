@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -60,8 +60,12 @@ class GatewayService:
         client_headers: Mapping[str, str] | None = None,
         *,
         raw: bytes | None = None,
+        on_usage: Callable[[int, int], None] | None = None,
     ) -> Relayed:
-        """``raw``: the body to send as is (the HTTP layer's patched client bytes); else ``req`` re-encoded."""
+        """``raw``: the body to send as is (the HTTP layer's patched client bytes); else ``req`` re-encoded.
+
+        ``on_usage(prompt_tokens, completion_tokens)``: called with the answer's usage (the API key's tally).
+        """
         route = self.table.lookup(req.model)
         if raw is not None:
             body = raw
@@ -94,19 +98,30 @@ class GatewayService:
         headers = response_headers(upstream)
         if not headers.get("content-type", "").startswith("text/event-stream"):
             data = b"".join([c async for c in relay(upstream, streaming=False)])
-            self._count_usage_json(route, data)
+            self._count_usage_json(route, data, on_usage)
             self._observe(route, endpoint, upstream.status, started)
             return Relayed(upstream.status, headers, body=data)
         return Relayed(
             upstream.status,
             headers,
             stream=self._events(
-                route, endpoint, upstream, started, isinstance(req, SamplingFields) and req.wants_usage_in_stream()
+                route,
+                endpoint,
+                upstream,
+                started,
+                isinstance(req, SamplingFields) and req.wants_usage_in_stream(),
+                on_usage,
             ),
         )
 
     async def _events(
-        self, route: DeploymentRoute, endpoint: str, upstream: aiohttp.ClientResponse, started: float, keep_usage: bool
+        self,
+        route: DeploymentRoute,
+        endpoint: str,
+        upstream: aiohttp.ClientResponse,
+        started: float,
+        keep_usage: bool,
+        on_usage: Callable[[int, int], None] | None = None,
     ) -> AsyncIterator[bytes]:
         buffer = b""
         first = True
@@ -123,7 +138,7 @@ class GatewayService:
                 while (end := buffer.find(b"\n\n")) >= 0:
                     event, buffer = buffer[: end + 2], buffer[end + 2 :]
                     if USAGE_MARKER in event and b'"usage"' in event:
-                        self._count_usage_json(route, event[len(b"data: ") :])
+                        self._count_usage_json(route, event[len(b"data: ") :], on_usage)
                         if not keep_usage:
                             continue
                     out.append(event)
@@ -134,13 +149,18 @@ class GatewayService:
         finally:
             self._observe(route, endpoint, upstream.status, started)
 
-    def _count_usage_json(self, route: DeploymentRoute, data: bytes) -> None:
+    def _count_usage_json(
+        self, route: DeploymentRoute, data: bytes, on_usage: Callable[[int, int], None] | None = None
+    ) -> None:
         try:
             usage = json.loads(data).get("usage") or {}
         except (ValueError, AttributeError):
             return
-        self.metrics.prompt_tokens.labels(route.name).inc(int(usage.get("prompt_tokens", 0)))
-        self.metrics.completion_tokens.labels(route.name).inc(int(usage.get("completion_tokens", 0)))
+        prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+        self.metrics.prompt_tokens.labels(route.name).inc(prompt)
+        self.metrics.completion_tokens.labels(route.name).inc(completion)
+        if on_usage is not None and usage:
+            on_usage(prompt, completion)
 
     def _observe(self, route: DeploymentRoute, endpoint: str, status: int, started: float) -> None:
         self.metrics.requests.labels(route.name, endpoint, str(status)).inc()
