@@ -33,4 +33,14 @@ def create_runner(spec: InferenceDeploymentSpec) -> ModelRunner:
         from modelfleet.dataplane.runners.remote import RemoteRunner
 
         return RemoteRunner(spec)
+    if kind in (RuntimeKind.VLLM, RuntimeKind.SGLANG) and spec.model.mode is not Mode.COMPLETION:
+        raise RunnerError(f"runtime {kind.value} serves mode completion only in this version of ModelFleet")
+    if kind is RuntimeKind.VLLM:  # the install check is in load_weights (it names the pip extra)
+        from modelfleet.dataplane.runners.vllm import VllmRunner
+
+        return VllmRunner(spec)
+    if kind is RuntimeKind.SGLANG:
+        from modelfleet.dataplane.runners.sglang import SglangRunner
+
+        return SglangRunner(spec)
     raise RunnerError(f"runtime {kind.value!r} is not available in this version of ModelFleet yet")
