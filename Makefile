@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: help run test venv venv-test lint typecheck unit integration e2e k8s bench clean crds fuzz
+.PHONY: help run test venv venv-test lint typecheck unit integration e2e k8s bench clean crds engine-parsers fuzz
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -21,7 +21,7 @@ venv-test: ## create .venv with runtime, operator and test tools
 run: venv ## set everything up and serve the default model on http://$(HOST):$(PORT)/v1
 	.venv/bin/modelfleet up -f $(MANIFEST) --host $(HOST) --port $(PORT)
 
-test: venv-test k8s lint typecheck ## set everything up and run every test (lint, types, unit, integration, e2e)
+test: venv-test engine-parsers k8s lint typecheck ## set everything up and run every test (lint, types, unit, integration, e2e)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv-test ## ruff
@@ -34,7 +34,7 @@ typecheck: venv-test ## mypy --strict over the product code
 	@ln -sfn ../../../dataplane build/typecheck/modelfleet/dataplane
 	.venv/bin/mypy -p modelfleet.dataplane -p modelfleet.operator
 
-unit: venv-test ## unit tests only (no sockets, no model)
+unit: venv-test engine-parsers ## unit tests only (no sockets, no model)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 integration: venv-test ## integration tests (real servers on loopback, the real model)
@@ -43,6 +43,9 @@ integration: venv-test ## integration tests (real servers on loopback, the real 
 fuzz: venv-test ## schemathesis against a real gateway: about 9,000 generated requests, new random cases each run
 	MODELFLEET_FUZZ_EXAMPLES=$${MODELFLEET_FUZZ_EXAMPLES:-1000} MODELFLEET_FUZZ_RANDOM=1 \
 	  $(PY) -m pytest tests/integration/test_fuzz_gateway.py -s $(PYTEST_ARGS)
+
+engine-parsers: venv-test ## vLLM's and SGLang's argument parsers for tests/unit/test_engine_flags.py (cached outside the repo)
+	@scripts/engine-parsers.sh
 
 k8s: ## build or install the test control plane into the cache (kube-apiserver, etcd, ...)
 	@scripts/k8s-install.sh
