@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+INTER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class EngineMetrics:
@@ -43,6 +44,12 @@ class EngineMetrics:
         self.e2e_seconds = Histogram(
             "modelfleet_engine_request_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.inter_token_seconds = Histogram(
+            "modelfleet_engine_inter_token_latency_seconds",
+            "Time between two generated tokens of one stream (a chunk of n tokens counts n gaps of 1/n)",
+            buckets=INTER_TOKEN_BUCKETS,
+            registry=r,
+        )
         # supervision of the runner (dataplane/engine/worker.py)
         self.context_faults = Counter(
             "modelfleet_engine_context_faults_total", "Device context (or session) faults of the runner", registry=r
@@ -64,6 +71,12 @@ class EngineMetrics:
         self.rebuilding = Gauge(
             "modelfleet_engine_rebuilding", "1 while the runner session is being rebuilt (or backing off)", registry=r
         )
+
+    def observe_inter_token(self, seconds: float, tokens: int) -> None:
+        """A chunk of ``tokens`` tokens arrived ``seconds`` after the previous one."""
+        gap = seconds / max(tokens, 1)
+        for _ in range(max(tokens, 1)):
+            self.inter_token_seconds.observe(gap)
 
 
 # name, kind, help: the runner's runtime_stats() keys exported at each scrape
