@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from modelfleet.dataplane.logs import REQUEST_ID, bounded_request_id
 from modelfleet.dataplane.protocol import ApiError, error_body, internal_error
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ def api_error_response(exc: ApiError) -> web.Response:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # the outermost middleware of every role: log lines of this request carry its id (dataplane/logs.py)
+    token = REQUEST_ID.set(bounded_request_id(request.headers.get("x-request-id")))
     try:
         return await handler(request)
     except ApiError as exc:
@@ -53,6 +56,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return api_error_response(internal_error())
+    finally:
+        REQUEST_ID.reset(token)
 
 
 async def serve(

@@ -26,6 +26,7 @@ from modelfleet.dataplane.gateway.openapi import openapi_document
 from modelfleet.dataplane.gateway.routes import RoutingTable
 from modelfleet.dataplane.gateway.service import GatewayService, Relayed
 from modelfleet.dataplane.httpserver import api_error_response, error_middleware, json_response
+from modelfleet.dataplane.logs import REQUEST_ID, bounded_request_id
 from modelfleet.dataplane.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -180,6 +181,7 @@ def create_app(
         on_usage: Callable[[int, int], None] | None = None,
     ) -> web.StreamResponse:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        REQUEST_ID.set(bounded_request_id(request_id))  # generated ids reach the log lines too (dataplane/logs.py)
         try:
             relayed = await service.forward(
                 endpoint, req, request_id, request.headers, raw=upstream_body(req, raw), on_usage=on_usage
