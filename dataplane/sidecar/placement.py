@@ -17,9 +17,14 @@ and this module turns them into the same placement without a central store:
    key that is under the cap (there always is one).
 
 An unseen key (reported by nobody) goes to the first replica clockwise from
-it that is under ``key_cap(K + 1, N)``: with no reports at all, its ring
-owner. So when several sidecars meet the same new prefix at once they choose
-the same replica, and once that replica reports it, everyone keeps it there.
+it that is under ``key_cap(K + 1, N)``, where K and the per-replica counts
+also include the keys this sidecar placed in the last ``PENDING_S`` seconds
+that no report shows yet (the reports lag by one /load read): with no reports
+and nothing pending, its ring owner. Every sidecar reads the same reports, so
+sidecars that meet the same new prefix choose the same replica unless their
+own pending placements differ; the pending ones spread a burst of new
+prefixes that one sidecar meets before the next read. Once a replica reports
+the key, everyone keeps it there.
 A key moved by rule 3 stays where it went: its old replica keeps reporting it
 (with the older, larger count) until the key ages out there, and while it
 does the same rules send the key to the same new replica.
@@ -39,6 +44,7 @@ from dataclasses import dataclass, field
 from modelfleet.dataplane.sidecar.hashring import HashRing
 
 KEY_SLACK = 0.25
+PENDING_S = 2.0  # own placements count until a report shows them, at most this long
 
 
 def key_cap(keys: int, replicas: int) -> int:
@@ -55,12 +61,17 @@ class Placement:
     homes: dict[bytes, str] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)  # every healthy replica, 0 included
 
-    def place_new(self, key: bytes) -> str | None:
-        """Where an unseen key goes: the first replica clockwise from it under the cap with that key counted."""
+    def place_new(self, key: bytes, pending: Mapping[str, int] | None = None) -> str | None:
+        """Where an unseen key goes: the first replica clockwise from it under the cap with that key counted.
+
+        ``pending``: keys this sidecar placed that no report shows yet, per replica; they count as placed.
+        """
         if not self.counts:
             return None
-        cap = key_cap(len(self.homes) + 1, len(self.counts))
-        return next((u for u in self.ring.walk(key) if self.counts.get(u, cap) < cap), None)
+        pending = pending or {}
+        held = {u: n + pending.get(u, 0) for u, n in self.counts.items()}
+        cap = key_cap(len(self.homes) + sum(pending.get(u, 0) for u in held) + 1, len(held))
+        return next((u for u in self.ring.walk(key) if held.get(u, cap) < cap), None)
 
 
 def shared_placement(reports: Mapping[str, Mapping[bytes, int]], ring: HashRing) -> Placement:

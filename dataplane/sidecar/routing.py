@@ -24,10 +24,12 @@ Policies, as the spec names them (``spec.routing.policy``):
   sidecar's table, for a key it placed that no replica reports yet (the
   reports are one poll old) or any more; (3) an unseen key: the first
   replica clockwise from the key that is under the even share with the key
-  counted (with no reports, the ring owner), remembered in the table. Rules
-  (1) and (3) read only what every sidecar sees, so sidecars agree on new
-  keys and converge on reported ones; own recent placements are deliberately
-  not counted in (3), since they differ between sidecars. Reasons: "shared",
+  counted (with no reports, the ring owner), remembered in the table; the
+  new keys this sidecar placed in the last 2 s that no report shows yet
+  count as placed too, so a burst of new prefixes spreads. Rules (1) and (3)
+  read what every sidecar sees, so sidecars converge on reported keys and
+  mostly agree on new ones (they differ only by their own pending
+  placements, for one /load read). Reasons: "shared",
   "remembered", "owner" (a new key). A request stays on its prefix's home
   unless the home is full: when every eligible replica's load view carries
   its engine's ``max_num_seqs``,
@@ -53,13 +55,15 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from modelfleet.dataplane.sidecar.hashring import HashRing
 from modelfleet.dataplane.sidecar.peers import Peer
-from modelfleet.dataplane.sidecar.placement import Placement, shared_placement
+from modelfleet.dataplane.sidecar.placement import PENDING_S, Placement, shared_placement
 from modelfleet.dataplane.sidecar.prefix_table import PrefixTable, prefix_digest
 from modelfleet.dataplane.spec import RoutingPolicyName, RoutingSpec
 
@@ -168,6 +172,9 @@ class _RingCache:
         return self._ring
 
 
+MAX_PENDING = 4096  # new-key placements remembered until reported (placement.PENDING_S)
+
+
 def _capacity(peer: Peer) -> int | None:
     """The engine's max_num_seqs when its /load reported it, else None (unknown)."""
     return peer.max_num_seqs
@@ -189,6 +196,11 @@ class PrefixAffinity:
         self.last_reason = "no_key"
         self._placement = Placement(HashRing(()))
         self._placement_of: tuple[tuple[str, int], ...] | None = None  # the reports it was computed from
+        # new keys placed here that no report shows yet (key -> url, when), oldest first, and their count per url
+        self._pending: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+        self._pending_per_url: dict[str, int] = {}
+        self._pending_checked: Placement | None = None
+        self._clock = time.monotonic
 
     def placement(self, peers: Sequence[Peer]) -> Placement:
         """The shared placement over the healthy peers' reports, recomputed only when those change."""
@@ -224,9 +236,12 @@ class PrefixAffinity:
             home_url = self.table.get(key)
             self.last_reason = "remembered"
             if home_url is None:  # unseen: the first replica clockwise under the even share
-                home_url = placement.place_new(key) or ring[0].url
-                self.table.put(key, home_url)
                 self.last_reason = "owner"
+                home_url = self._pending_home(key, placement)
+                if home_url is None:
+                    home_url = placement.place_new(key, self._pending_per_url) or ring[0].url
+                    self._add_pending(key, home_url)
+                self.table.put(key, home_url)
         home = by_url.get(home_url)
         if home is None:
             self.last_reason = "failover"
@@ -238,6 +253,36 @@ class PrefixAffinity:
         if home is not None:
             self.last_reason = "overflow"
         return detour
+
+    def _pending_home(self, key: bytes, placement: Placement) -> str | None:
+        """Drops pending placements that expired or that a report now shows; returns ``key``'s, if pending."""
+        now = self._clock()
+        pending = self._pending
+        while pending:
+            oldest, (_, at) = next(iter(pending.items()))
+            if now - at <= PENDING_S:
+                break
+            self._drop_pending(oldest)
+        if placement is not self._pending_checked:  # new reports: once per placement, not per request
+            self._pending_checked = placement
+            for reported in [k for k in pending if k in placement.homes]:
+                self._drop_pending(reported)
+        entry = pending.get(key)
+        return entry[0] if entry is not None else None
+
+    def _add_pending(self, key: bytes, url: str) -> None:
+        self._pending[key] = (url, self._clock())
+        self._pending_per_url[url] = self._pending_per_url.get(url, 0) + 1
+        if len(self._pending) > MAX_PENDING:
+            self._drop_pending(next(iter(self._pending)))
+
+    def _drop_pending(self, key: bytes) -> None:
+        url, _ = self._pending.pop(key)
+        left = self._pending_per_url[url] - 1
+        if left:
+            self._pending_per_url[url] = left
+        else:
+            del self._pending_per_url[url]
 
     def _room_rule(self, eligible: Sequence[Peer]) -> Callable[[Peer], bool]:
         """Whether a peer may take one more request: under its engine's max_num_seqs, else under the bound."""

@@ -167,3 +167,32 @@ def test_peer_reads_the_reported_keys_and_ignores_malformed_ones() -> None:
     assert peer.prefix_keys == {k: 3}
     peer.observe_load({"prefix_keys": "nonsense"})
     assert peer.prefix_keys == {} and peer.keys_version != version
+
+
+def test_one_sidecars_burst_of_new_keys_spreads_two_each_before_any_report() -> None:
+    """Its own placements count until the engines report them: 8 new tenants at once -> 2 per replica."""
+    keys = uneven_keys()
+    policy = PrefixAffinity(table_entries=0)  # no table: the pending placements alone keep a key put
+    homes = {k: policy.pick(view({}), info(k), set()).url for k in keys}
+    assert sorted(Counter(homes.values()).values()) == [2, 2, 2, 2]
+    assert {k: policy.pick(view({}), info(k), set()).url for k in keys} == homes  # stable while pending
+    reports: dict[str, dict[bytes, int]] = {u: {} for u in URLS}
+    for k, url in homes.items():
+        reports[url][k] = 1
+    assert {k: policy.pick(view(reports), info(k), set()).url for k in keys} == homes  # reported: the same homes
+    assert policy.last_reason == "shared"
+    newcomer = tenants(1, "newcomer")[0]
+    policy.pick(view(reports), info(newcomer), set())  # the next new key prunes what the reports now show
+    assert list(policy._pending) == [newcomer]
+
+
+def test_pending_placements_expire() -> None:
+    clock = [0.0]
+    policy = PrefixAffinity()
+    policy._clock = lambda: clock[0]
+    first, second = tenants(2, "expiring")
+    policy.pick(view({}), info(first), set())
+    assert policy._pending_per_url
+    clock[0] = 10.0  # long past PENDING_S with no report: the engine may have dropped it; stop counting it
+    policy.pick(view({}), info(second), set())
+    assert list(policy._pending) == [second] and sum(policy._pending_per_url.values()) == 1

@@ -254,6 +254,8 @@ def test_prefix_affinity_without_capacities_keeps_the_bounded_load_rule():
 def test_prefix_affinity_without_a_table_is_the_ring_owner():
     peers = [Peer(f"p{i}") for i in range(4)]
     policy = PrefixAffinity(table_entries=0)
+    now = iter(range(0, 10_000, 5))  # new keys 5 s apart: no earlier placement is still pending
+    policy._clock = lambda: float(next(now))
     ring = HashRing(p.url for p in peers)
     for i in range(200):
         k = key(f"tenant {i}")
