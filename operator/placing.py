@@ -47,7 +47,7 @@ def place(
             for p in pods
             if not (
                 (p.get("metadata") or {}).get("namespace") == owner.namespace
-                and ((p.get("metadata") or {}).get("labels") or {}).get(names.DEPLOYMENT_LABEL) == owner.name
+                and ((p.get("metadata") or {}).get("labels") or {}).get(names.DEPLOYMENT_LABEL) == owner.instance
             )
         ]
         plan = plan_placement(spec, gpu_nodes(nodes, others), estimate_for(spec))

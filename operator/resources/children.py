@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,9 +36,26 @@ class Owner:
     name: str
     namespace: str
     uid: str
+    candidate: bool = False  # the children of a rollout's candidate, beside the baseline's
 
     def reference(self) -> dict[str, Any]:
         return names.owner_reference(self.name, self.uid)
+
+    @property
+    def instance(self) -> str:
+        """Base name of the children (and their selector): the CR's name, or its candidate's."""
+        return names.candidate_name(self.name) if self.candidate else self.name
+
+    def labels(self) -> dict[str, str]:
+        return names.labels(self.instance, candidate_of=self.name if self.candidate else None)
+
+    def metadata(self, child: str) -> dict[str, Any]:
+        return {
+            "name": child,
+            "namespace": self.namespace,
+            "labels": self.labels(),
+            "ownerReferences": [self.reference()],
+        }
 
 
 def engine_image(spec: InferenceDeploymentSpec, settings: OperatorSettings, placement: PodPlacement) -> str:
@@ -51,26 +69,37 @@ def engine_image(spec: InferenceDeploymentSpec, settings: OperatorSettings, plac
     return f"{settings.image_registry}/{image}:{settings.image_tag}"
 
 
-def config_map(owner: Owner, spec: InferenceDeploymentSpec) -> dict[str, Any]:
+def config_map(
+    owner: Owner, spec: InferenceDeploymentSpec, rollout_plan: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The manifest the pods read (named after the CR: the engine and sidecar look their deployment up
+    by ``--deployment``, a candidate's too), and the rollout plan the baseline's sidecars follow."""
     manifest = {
         "apiVersion": "modelfleet.io/v1alpha1",
         "kind": KIND,
         "metadata": {"name": owner.name},
         "spec": spec.to_wire(),
     }
+    data = {names.CONFIG_FILE: yaml.safe_dump(manifest, sort_keys=True)}
+    if rollout_plan is not None:
+        data[names.ROLLOUT_FILE] = json.dumps(rollout_plan, sort_keys=True)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": names.metadata(owner.name, owner.namespace, owner.reference(), names.config_map_name(owner.name)),
-        "data": {names.CONFIG_FILE: yaml.safe_dump(manifest, sort_keys=True)},
+        "metadata": owner.metadata(names.config_map_name(owner.instance)),
+        "data": data,
     }
 
 
-def _config_hash(spec: InferenceDeploymentSpec) -> str:
-    """Changes the pod template on every spec change that needs new pods. A remote runtime's
-    ``runtime.remote`` is left out: its engine applies the changed ConfigMap in place
-    (dataplane/engine/config_watch.py), keeping its spend ledger and connections."""
+def spec_hash(spec: InferenceDeploymentSpec) -> str:
+    """Changes on every spec change that needs new pods: the pod template's config hash, and what
+    a rollout compares (and names its candidate by). Left out: ``replicas`` (the Deployment scales),
+    ``rollout`` (the sidecars follow the plan file, dataplane/rollout/plan.py) and a remote runtime's
+    ``runtime.remote`` (its engine applies the changed ConfigMap in place, dataplane/engine/config_watch.py,
+    keeping its spend ledger and connections)."""
     wire = spec.to_wire()
+    wire.pop("replicas", None)
+    wire.pop("rollout", None)
     if spec.runtime.kind is RuntimeKind.REMOTE:
         wire.get("runtime", {}).pop("remote", None)
     return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()[:16]
@@ -132,7 +161,7 @@ def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
 def deployment(
     owner: Owner, spec: InferenceDeploymentSpec, settings: OperatorSettings, placement: PodPlacement
 ) -> dict[str, Any]:
-    name = owner.name
+    name = owner.instance
     gpu = placement.gpus_per_replica
     secret_volumes, secret_mounts = _secret_volumes(spec)
     engine_resources: dict[str, Any] = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "8Gi"}}
@@ -148,7 +177,7 @@ def deployment(
             "-f",
             f"{names.CONFIG_DIR}/{names.CONFIG_FILE}",
             "--deployment",
-            name,
+            owner.name,
             "--host",
             "0.0.0.0",
             "--port",
@@ -183,7 +212,10 @@ def deployment(
             "-f",
             f"{names.CONFIG_DIR}/{names.CONFIG_FILE}",  # spec.routing
             "--deployment",
-            name,
+            owner.name,
+            # the rollout plan, a key of the same ConfigMap: no file, no rollout (dataplane/rollout/plan.py)
+            "--rollout-file",
+            f"{names.CONFIG_DIR}/{names.ROLLOUT_FILE}",
             # peers: the ready endpoints of the headless Service (dataplane/sidecar/discovery.py);
             # its own engine on loopback until the first list
             "--kubernetes",
@@ -217,7 +249,7 @@ def deployment(
         "containers": [engine, sidecar],
         "terminationGracePeriodSeconds": 60,
         "enableServiceLinks": False,
-        "serviceAccountName": names.sidecar_account_name(name),
+        "serviceAccountName": names.sidecar_account_name(owner.name),  # a candidate's pods share it
         "automountServiceAccountToken": False,  # mounted by hand into the sidecar only (kube-api-access)
         "securityContext": {
             "runAsNonRoot": True,
@@ -255,7 +287,7 @@ def deployment(
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": names.metadata(name, owner.namespace, owner.reference(), name),
+        "metadata": owner.metadata(name),
         "spec": {
             "replicas": spec.replicas,
             "selector": {"matchLabels": names.selector_labels(name)},
@@ -266,8 +298,8 @@ def deployment(
             },
             "template": {
                 "metadata": {
-                    "labels": names.labels(name),
-                    "annotations": {"modelfleet.io/config-hash": _config_hash(spec)},
+                    "labels": owner.labels(),
+                    "annotations": {"modelfleet.io/config-hash": spec_hash(spec)},
                 },
                 "spec": pod_spec,
             },
@@ -275,12 +307,12 @@ def deployment(
     }
 
 
-def services(owner: Owner) -> list[dict[str, Any]]:
-    name = owner.name
+def services(owner: Owner, front_port: int = 80) -> list[dict[str, Any]]:
+    name = owner.instance
     peers = {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": names.metadata(name, owner.namespace, owner.reference(), names.peers_service_name(name)),
+        "metadata": owner.metadata(names.peers_service_name(name)),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,  # sidecars see loading replicas and track their readiness themselves
@@ -291,11 +323,11 @@ def services(owner: Owner) -> list[dict[str, Any]]:
     front = {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": names.metadata(name, owner.namespace, owner.reference(), names.service_name(name)),
+        "metadata": owner.metadata(names.service_name(name)),
         "spec": {
             "type": "ClusterIP",
             "selector": names.selector_labels(name),
-            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+            "ports": [{"name": "http", "port": front_port, "targetPort": "http", "protocol": "TCP"}],
         },
     }
     return [peers, front]
@@ -344,12 +376,16 @@ def pod_disruption_budget(owner: Owner) -> dict[str, Any]:
 
 
 def plan_children(
-    owner: Owner, spec: InferenceDeploymentSpec, settings: OperatorSettings, placement: PodPlacement
+    owner: Owner,
+    spec: InferenceDeploymentSpec,
+    settings: OperatorSettings,
+    placement: PodPlacement,
+    rollout_plan: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Every child object, in apply order: the config the pods mount and the ServiceAccount they
     run as (admission rejects a pod whose account does not exist), then the pods' Deployment (the
     slow part to come up), then what only routes to them."""
-    cm = config_map(owner, spec)
+    cm = config_map(owner, spec, rollout_plan)
     return [
         cm,
         *sidecar_access(owner),
@@ -357,6 +393,24 @@ def plan_children(
         *services(owner),
         pod_disruption_budget(owner),
     ]
+
+
+def candidate_children(
+    owner: Owner, spec: InferenceDeploymentSpec, settings: OperatorSettings, placement: PodPlacement
+) -> list[dict[str, Any]]:
+    """A rollout's candidate, beside the baseline: its own config, Deployment and Services (named
+    ``<name>-candidate``), the baseline's ServiceAccount. Its front Service listens on the sidecar
+    port; the baseline's sidecars send it the candidate's share of traffic (:func:`candidate_url`)."""
+    cand = Owner(owner.name, owner.namespace, owner.uid, candidate=True)
+    return [
+        config_map(cand, spec),
+        deployment(cand, spec, settings, placement),
+        *services(cand, front_port=names.SIDECAR_PORT),
+    ]
+
+
+def candidate_url(owner: Owner) -> str:
+    return f"http://{names.service_name(names.candidate_name(owner.name))}.{owner.namespace}.svc:{names.SIDECAR_PORT}"
 
 
 def endpoint(owner: Owner, settings: OperatorSettings) -> str:
