@@ -204,6 +204,12 @@ def render_crd() -> dict[str, Any]:
                             "jsonPath": ".status.placement.gpusPerReplica",
                         },
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                        {
+                            "name": "Rollout",
+                            "type": "string",
+                            "description": "Canary, Shadow, Promoted or RolledBack: the latest judged rollout",
+                            "jsonPath": ".status.rollout.phase",
+                        },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                 }

@@ -109,18 +109,52 @@ class Kube:
                 raise
 
     def delete_children(self, namespace: str, name: str) -> int:
-        selector = f"{names.DEPLOYMENT_LABEL}={name},app.kubernetes.io/managed-by={names.MANAGED_BY}"
+        managed = f"app.kubernetes.io/managed-by={names.MANAGED_BY}"
+        selectors = (f"{names.DEPLOYMENT_LABEL}={name},{managed}", f"{names.CANDIDATE_OF_LABEL}={name},{managed}")
         deleted = 0
         for api_version, kind in CHILD_KINDS:
             res = self._resource(api_version, kind)
-            for item in res.get(namespace=namespace, label_selector=selector).items:
-                try:
-                    res.delete(name=item.metadata.name, namespace=namespace, body={"propagationPolicy": "Background"})
-                    deleted += 1
-                except ApiException as exc:
-                    if exc.status != 404:
-                        raise
+            for selector in selectors:
+                for item in res.get(namespace=namespace, label_selector=selector).items:
+                    deleted += self.delete(api_version, kind, namespace, item.metadata.name)
         return deleted
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        """Delete one object (its dependents in the background); False when it was already gone."""
+        try:
+            self._resource(api_version, kind).delete(
+                name=name, namespace=namespace, body={"propagationPolicy": "Background"}
+            )
+            return True
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            return False
+
+    def get_config_map(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = self._raw(self.core.read_namespaced_config_map, name, namespace)
+            return result
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def remove_annotation(self, namespace: str, name: str, key: str, value: str) -> None:
+        """Remove ``key`` from the CR if it still says ``value`` (a JSON patch with a test: a value a
+        person set meanwhile stays, to be acted on next)."""
+        escaped = key.replace("~", "~0").replace("/", "~1")
+        patch = [
+            {"op": "test", "path": f"/metadata/annotations/{escaped}", "value": value},
+            {"op": "remove", "path": f"/metadata/annotations/{escaped}"},
+        ]
+        try:
+            self.custom.patch_namespaced_custom_object(
+                API_GROUP, API_VERSION, namespace, PLURAL, name, patch, _content_type="application/json-patch+json"
+            )
+        except ApiException as exc:
+            if exc.status not in (404, 409, 422):  # gone, or the annotation changed or went meanwhile
+                raise
 
     def _raw(self, call: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         resp = call(*args, _preload_content=False, **kw)

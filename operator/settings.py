@@ -29,6 +29,14 @@ class OperatorSettings(BaseSettings):
         default="http://{pod_ip}:{port}/metrics",
         description="Where a pod's engine metrics are read; fields: pod_ip, port, pod_name, namespace",
     )
+    rollout_url_template: str = Field(
+        default="http://{pod_ip}:{port}/rollout/observations?id={rollout_id}",
+        description="Where a baseline sidecar's rollout observations are read; fields: pod_ip, port, pod_name, "
+        "namespace, rollout_id",
+    )
+    rollout_fetch_timeout_s: float = Field(
+        default=3.0, gt=0, description="Per-sidecar limit on reading rollout observations; a miss is missing evidence"
+    )
     cluster_domain: str = "cluster.local"
     field_manager: str = "modelfleet-operator"
     health_port: int = Field(
