@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from pathlib import Path
 
@@ -14,18 +13,22 @@ from modelfleet.dataplane.sidecar.routing import RoutingPolicyName, policy_choic
 DEFAULT_MANIFEST = Path("examples/smollm2-local.yaml")
 
 
-def _logging(role: str, level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format=f"%(asctime)s %(levelname)s [{role}] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _logging(role: str, level: str, fmt: str | None = None) -> None:
+    """Text lines, or JSON lines with the request id (``--log-format json``, MODELFLEET_LOG_FORMAT)."""
+    from modelfleet.dataplane.logs import configure, log_format
+
+    configure(role, level, log_format(fmt))
 
 
 def _server_flags(p: argparse.ArgumentParser, port: int | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=port, required=port is None, help="port to listen on")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="text, or one JSON object per line with the request id (default: MODELFLEET_LOG_FORMAT, else text)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every replica")
+    up.add_argument(
+        "--api-keys",
+        type=Path,
+        metavar="FILE",
+        help="require API keys from this file (docs/security.md); without it the gateway runs open",
+    )
+    up.add_argument("--admin-token", type=Path, metavar="FILE", help="file holding the token /metrics requires")
     up.add_argument(
         "--restart",
         choices=["on-failure", "never"],
@@ -64,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--peer", action="append", default=[], help="engine URL (repeat)")
     sidecar.add_argument(
         "--tier", action="append", default=[], metavar="NAME=URL", help="spill-over tier engine (see spec.spillover)"
+    )
+    sidecar.add_argument(
+        "--rollout-file",
+        type=Path,
+        metavar="PATH",
+        help="rollout plan written by the launcher or the operator (canary/shadow traffic); absent: no rollout",
     )
     sidecar.add_argument(
         "--policy",
@@ -94,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     source = gateway.add_mutually_exclusive_group(required=True)
     source.add_argument("--routes", type=Path, help="routing table file (JSON; what `modelfleet up` writes)")
     source.add_argument("--kubernetes", action="store_true", help="route to the InferenceDeployments of the cluster")
+    security = gateway.add_argument_group("auth and CORS", "see docs/security.md")
+    security.add_argument("--api-keys", type=Path, metavar="FILE", help="API keys file (YAML or JSON); absent: open")
+    security.add_argument("--admin-token", type=Path, metavar="FILE", help="file holding the token /metrics requires")
+    security.add_argument(
+        "--cors-origin", action="append", metavar="ORIGIN", help="browser origin allowed to call the gateway (repeat)"
+    )
     _server_flags(gateway)
 
     replay = sub.add_parser("replay", help="run a workload through the scheduler on a simulated clock (no model)")
@@ -164,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                     ready_timeout=args.ready_timeout,
                     restart=args.restart,
                     restart_backoff_s=args.restart_backoff,
+                    api_keys=args.api_keys,
+                    admin_token=args.admin_token,
                 )
             except LaunchError as exc:
                 print(f"error: {exc}", file=sys.stderr)
@@ -177,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
             return _replay(args.input, args.output)
         if args.command in ("gate", "mirror-gate"):
             return _gate(args)
-        _logging(args.command if args.command != "engine" else f"engine-{args.replica}", args.log_level)
+        _logging(
+            args.command if args.command != "engine" else f"engine-{args.replica}", args.log_level, args.log_format
+        )
         if args.command == "engine":
             from modelfleet.dataplane.engine.main import run as run_engine
             from modelfleet.dataplane.settings import EngineSettings
@@ -209,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                 deployment=args.deployment,
                 peers=args.peer,
                 tiers=args.tier,
+                rollout_file=args.rollout_file,
                 host=args.host,
                 port=args.port,
                 **{k: v for k, v in cluster.items() if v is not None},  # unset flags leave MODELFLEET_* env in force
@@ -233,10 +260,28 @@ def main(argv: list[str] | None = None) -> int:
                 settings.policy = routing.policy
             run_sidecar(settings, routing, spillover)
         elif args.command == "gateway":
+            from modelfleet.dataplane.gateway.auth import KeyFileError
+            from modelfleet.dataplane.gateway.cors import CorsConfigError
             from modelfleet.dataplane.gateway.main import run as run_gateway
             from modelfleet.dataplane.settings import GatewaySettings
 
-            run_gateway(GatewaySettings(routes=args.routes, host=args.host, port=args.port))
+            auth = {
+                "api_keys": args.api_keys,
+                "admin_token": args.admin_token,
+                "cors_allowed_origins": args.cors_origin,
+            }
+            try:  # unset flags leave MODELFLEET_* env in force
+                run_gateway(
+                    GatewaySettings(
+                        routes=args.routes,
+                        host=args.host,
+                        port=args.port,
+                        **{k: v for k, v in auth.items() if v is not None},
+                    )
+                )
+            except (KeyFileError, CorsConfigError) as exc:  # a bad keys file or CORS setting: no gateway
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -32,12 +32,14 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from modelfleet.dataplane.gateway.routes import DeploymentRoute, RoutesFile
 from modelfleet.dataplane.manifest import load_manifests
+from modelfleet.dataplane.rollout.local import LocalRollouts
 from modelfleet.dataplane.spec import InferenceDeployment, Mode
 
 PR_SET_PDEATHSIG = 1
@@ -115,6 +117,70 @@ class Stack:
         self.children.append(child)
         return child
 
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+    def of(self, deployment: str, role: str) -> list[Child]:
+        """The deployment's children of one role (engine, sidecar), in start order."""
+        return [c for c in self.children if c.name.startswith(f"{deployment}/{role}-")]
+
+    # ---- what dataplane/rollout/local.py asks of the stack -------------------------------------------------
+    def spawn_engines(self, dep: InferenceDeployment, manifest: Path, label: str) -> list[Child]:
+        name, host = dep.metadata.name, "127.0.0.1"
+        args = ["engine", "-f", str(manifest), "--deployment", name]
+        engines = [
+            self.spawn(f"{name}/{label}-{i}", [*args, "--replica", str(i)], free_port(host), host, self.env)
+            for i in range(max(dep.spec.replicas, 1))
+        ]
+        for child in engines:
+            print(f"  {child.name}: pid {child.proc.pid}, {child.url}", flush=True)
+        return engines
+
+    def stop_children(self, children: list[Child]) -> None:
+        for child in children:
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait(5)
+            if child in self.children:
+                self.children.remove(child)
+
+    def repoint_sidecars(self, name: str, manifest: Path, engines: list[Child]) -> None:
+        """Restart each sidecar of the deployment, one after the other, with ``engines`` as its replicas."""
+        for sidecar in self.of(name, "sidecar"):
+            cmd, kept = sidecar.cmd, []
+            i = 0
+            while i < len(cmd):
+                if cmd[i] == "--peer":
+                    i += 2
+                    continue
+                kept.append(str(manifest) if i > 0 and cmd[i - 1] == "-f" else cmd[i])
+                i += 1
+            sidecar.cmd = kept + [arg for e in engines for arg in ("--peer", e.url)]
+            sidecar.proc.send_signal(signal.SIGTERM)
+            try:
+                sidecar.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                sidecar.proc.kill()
+                sidecar.proc.wait(5)
+            sidecar.restart()
+            deadline = time.monotonic() + 30
+            while _get_json(sidecar.url + "/readyz", timeout=1.0)[0] != 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
+        for i, engine in enumerate(engines):
+            engine.name = f"{name}/engine-{i}"
+
+    def ready(self, child: Child) -> bool:
+        return _get_json(child.url + "/readyz", timeout=1.0)[0] == 200
+
+    def sidecar_urls(self, name: str) -> list[str]:
+        return [c.url for c in self.of(name, "sidecar")]
+
     def exited(self) -> Child | None:
         return next((c for c in self.children if c.proc.poll() is not None), None)
 
@@ -145,9 +211,16 @@ def _get_json(url: str, timeout: float = 2.0) -> tuple[int, dict[str, Any]]:
         return 0, {}
 
 
-def start_stack(deployments: list[InferenceDeployment], manifest: Path, host: str, port: int) -> tuple[Stack, Child]:
+def start_stack(
+    deployments: list[InferenceDeployment],
+    manifest: Path,
+    host: str,
+    port: int,
+    gateway_args: list[str] | None = None,
+) -> tuple[Stack, Child]:
+    """``gateway_args``: more flags of the gateway (its --api-keys and --admin-token)."""
     stack = Stack()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = stack.env
     routes: list[DeploymentRoute] = []
     created = int(time.time())
     for dep in deployments:
@@ -180,6 +253,7 @@ def start_stack(deployments: list[InferenceDeployment], manifest: Path, host: st
         sidecar_args = ["sidecar", "-f", str(manifest), "--deployment", name]
         sidecar_args += [arg for e in engines for arg in ("--peer", e.url)]
         sidecar_args += [arg for tier_name, e in tiers for arg in ("--tier", f"{tier_name}={e.url}")]
+        sidecar_args += ["--rollout-file", str(stack.workdir / f"{name}.rollout.json")]  # dataplane/rollout/local.py
         sidecars = [
             stack.spawn(f"{name}/sidecar-{i}", sidecar_args, free_port(host), host, env)
             for i in range(max(dep.spec.replicas, 1))
@@ -191,7 +265,8 @@ def start_stack(deployments: list[InferenceDeployment], manifest: Path, host: st
         )
     routes_file = stack.workdir / "routes.json"
     routes_file.write_text(RoutesFile(deployments=routes).model_dump_json(indent=2))
-    gateway = stack.spawn("gateway", ["gateway", "--routes", str(routes_file)], port, host, env)
+    gateway_cmd = ["gateway", "--routes", str(routes_file), *(gateway_args or [])]
+    gateway = stack.spawn("gateway", gateway_cmd, port, host, env)
     return stack, gateway
 
 
@@ -247,11 +322,15 @@ def supervise(
     backoff_max_s: float = BACKOFF_MAX_S,
     stable_after_s: float = STABLE_AFTER_S,
     max_failures: int = MAX_FAILURES_IN_A_ROW,
+    on_tick: Callable[[], None] | None = None,
 ) -> int:
-    """Watch a ready stack until a child cannot be kept running; returns the exit status (1)."""
+    """Watch a ready stack until a child cannot be kept running; returns the exit status (1).
+    ``on_tick`` runs once per poll (the local rollout controller)."""
     restart_at: dict[str, float] = {}
     recovering: set[str] = set()
     while True:
+        if on_tick is not None:
+            on_tick()
         now = time.monotonic()
         for child in stack.children:
             if child.name in restart_at:
@@ -305,6 +384,29 @@ def try_command(url: str, dep: InferenceDeployment) -> str:
     return f"curl {url}/v1/{path} -H 'content-type: application/json' -d '{body}'"
 
 
+def gateway_auth(api_keys: Path | None, admin_token: Path | None) -> tuple[list[str], str]:
+    """The gateway's auth flags and the line `up` prints about them; a bad file fails here, before any child starts."""
+    from modelfleet.dataplane.gateway.auth import KeyFileError, load_admin_token, load_keys
+
+    args: list[str] = []
+    try:
+        if admin_token is not None:
+            load_admin_token(admin_token)
+            args += ["--admin-token", str(admin_token.resolve())]
+        if api_keys is None:
+            metrics = "/metrics needs the admin token" if admin_token else "/metrics is open too"
+            return args, (
+                "  auth: OPEN: no API keys configured, anyone who reaches the gateway may use it "
+                f"({metrics}; --api-keys FILE requires keys)"
+            )
+        keys = load_keys(api_keys)
+    except KeyFileError as exc:
+        raise LaunchError(str(exc)) from None
+    metrics = "/metrics needs the admin token" if admin_token else "/metrics is closed (no --admin-token)"
+    args += ["--api-keys", str(api_keys.resolve())]
+    return args, f"  auth: API keys required: {len(keys)} key(s) from {api_keys}, reloaded when it changes; {metrics}"
+
+
 def up(
     manifest: Path,
     host: str,
@@ -313,25 +415,33 @@ def up(
     ready_timeout: float = 600.0,
     restart: str = "on-failure",
     restart_backoff_s: float = 1.0,
+    api_keys: Path | None = None,
+    admin_token: Path | None = None,
 ) -> int:
     deployments = load_manifests(manifest)
     check_port_free(host, port)
+    gateway_args, auth_line = gateway_auth(api_keys, admin_token)
 
     def on_signal(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM stops the stack the way Ctrl-C does
 
     signal.signal(signal.SIGTERM, on_signal)
     print(f"modelfleet up: {manifest} ({', '.join(d.metadata.name for d in deployments)})", file=out, flush=True)
-    stack, gateway = start_stack(deployments, manifest, host, port)
+    print(auth_line, file=out, flush=True)
+    stack, gateway = start_stack(deployments, manifest, host, port, gateway_args)
     for child in stack.children:
         print(f"  {child.name}: pid {child.proc.pid}, {child.url}", file=out, flush=True)
     try:
         wait_until_ready(stack, out, ready_timeout)
         models = ", ".join(m for d in deployments for m in d.spec.served_names())
         print(f"\nReady: {gateway.url}/v1  (models: {models})", file=out)
-        print(f"  try: {try_command(gateway.url, deployments[0])}", file=out)
+        key_header = " -H 'authorization: Bearer <your API key>'" if api_keys else ""
+        print(f"  try: {try_command(gateway.url, deployments[0])}{key_header}", file=out)
         print("Press Ctrl-C to stop.", file=out, flush=True)
-        return supervise(stack, out, restart=restart, backoff_s=restart_backoff_s)
+        rollouts = LocalRollouts(manifest, stack.workdir, stack, out)
+        rollouts.baseline = {d.metadata.name: d for d in deployments}
+        rollouts.engines = {d.metadata.name: stack.of(d.metadata.name, "engine") for d in deployments}
+        return supervise(stack, out, restart=restart, backoff_s=restart_backoff_s, on_tick=rollouts.tick)
     except KeyboardInterrupt:
         print("\nstopping...", file=out, flush=True)
         return 0

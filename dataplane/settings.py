@@ -32,6 +32,7 @@ class SidecarSettings(_Base):
     deployment: str
     peers: list[str]
     tiers: list[str] = []  # NAME=URL of the spill-over tiers' engines (spec.spillover)
+    rollout_file: Path | None = None  # the rollout plan the controller writes (dataplane/rollout/plan.py)
     policy: RoutingPolicyName = RoutingPolicyName.LEAST_OUTSTANDING
     retry_budget: int = Field(default=2, ge=0, le=16)
     # cluster mode (sidecar/discovery.py): peers are the ready endpoints of this headless Service
@@ -47,3 +48,9 @@ class SidecarSettings(_Base):
 class GatewaySettings(_Base):
     routes: Path | None = None  # a routing table file (local mode); None: InferenceDeployments in the cluster
     refresh_interval_s: float = Field(default=5.0, gt=0)
+    # auth (docs/security.md): files, never the secrets themselves in the environment
+    api_keys: Path | None = None  # the API keys file (YAML or JSON); None: the OpenAI routes are open
+    admin_token: Path | None = None  # a file holding the token /metrics requires
+    auth_reload_interval_s: float = Field(default=5.0, gt=0)  # how often both files are checked for changes
+    cors_allowed_origins: list[str] = []  # browser origins allowed to call the gateway; empty: CORS off
+    cors_allow_credentials: bool = False  # never with the "*" origin

@@ -653,6 +653,81 @@ class SpilloverSpec(SpecModel):
     when: Annotated[SpilloverRule, Field(description="When a request spills.")] = SpilloverRule()
 
 
+class RolloutStrategy(StrEnum):
+    """How a changed spec meets traffic before it replaces the baseline."""
+
+    CANARY = "Canary"  # a share of requests is served by the candidate (and mirrored to the baseline to compare)
+    SHADOW = "Shadow"  # a share of requests is mirrored to the candidate; its answers are recorded, never returned
+
+
+class RolloutStep(SpecModel):
+    """One canary step: this share of requests goes to the candidate for at least this long."""
+
+    weight: Annotated[int, Field(ge=1, le=100, description="Percent of requests the candidate serves.")]
+    hold_seconds: Annotated[
+        int, Field(ge=0, le=86400, description="Least time at this step before the gate may move on.")
+    ] = 60
+
+
+class GateThresholds(SpecModel):
+    """The release gate's policy (dataplane/rollout/observations.py GatePolicy), in the spec's camelCase."""
+
+    min_matched_requests: Annotated[
+        int, Field(ge=1, le=1_000_000, description="Fewest requests seen by both sides; fewer holds.")
+    ] = 20
+    max_mismatch_rate: Annotated[
+        float, Field(ge=0, le=1, description="Largest share of compared outputs that may differ; above rolls back.")
+    ] = 0.0
+    max_error_rate_increase: Annotated[
+        float, Field(ge=0, le=1, description="Largest candidate minus baseline error rate; above rolls back.")
+    ] = 0.01
+    max_latency_p95_ratio: Annotated[
+        float, Field(ge=1, description="Candidate/baseline p95 end-to-end latency; above holds.")
+    ] = 1.2
+    max_ttft_p95_ratio: Annotated[float, Field(ge=1, description="Candidate/baseline p95 time to first token.")] = 1.2
+    max_itl_p95_ratio: Annotated[float, Field(ge=1, description="Candidate/baseline p95 inter-token gap.")] = 1.2
+    max_kv_usage_p95_ratio: Annotated[float, Field(ge=1, description="Candidate/baseline p95 KV-cache usage.")] = 1.25
+
+    def policy(self) -> dict[str, Any]:
+        """The gate's policy document (snake_case, as ``modelfleet gate`` reads it)."""
+        return {
+            "min_matched": self.min_matched_requests,
+            "max_mismatch_rate": self.max_mismatch_rate,
+            "max_error_rate_increase": self.max_error_rate_increase,
+            "max_latency_p95_ratio": self.max_latency_p95_ratio,
+            "max_ttft_p95_ratio": self.max_ttft_p95_ratio,
+            "max_itl_p95_ratio": self.max_itl_p95_ratio,
+            "max_kv_usage_p95_ratio": self.max_kv_usage_p95_ratio,
+        }
+
+
+class RolloutSpec(SpecModel):
+    """A judged rollout: a change of model, runtime or engine settings runs as a candidate beside the baseline
+    until the release gate promotes it, holds it or rolls it back. Without it an update is a rolling update."""
+
+    strategy: Annotated[RolloutStrategy, Field(description="Canary or Shadow.")] = RolloutStrategy.CANARY
+    steps: Annotated[
+        list[RolloutStep],
+        Field(min_length=1, max_length=16, description="Canary: the candidate's share, step by step."),
+    ] = [RolloutStep(weight=10), RolloutStep(weight=50)]
+    mirror_percent: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=100,
+            description="Shadow: percent of requests mirrored to the candidate. Canary: percent of the "
+            "candidate's requests also sent to the baseline, so outputs can be compared.",
+        ),
+    ] = 100
+    analysis_interval_seconds: Annotated[
+        int, Field(ge=1, le=3600, description="How often the gate judges the observations so far.")
+    ] = 10
+    max_duration_seconds: Annotated[
+        int, Field(ge=10, le=7 * 86400, description="A rollout still held after this long is rolled back.")
+    ] = 3600
+    gate: Annotated[GateThresholds, Field(description="The release gate's thresholds.")] = GateThresholds()
+
+
 class InferenceDeploymentSpec(SpecModel):
     """Desired state of an InferenceDeployment."""
 
@@ -662,6 +737,10 @@ class InferenceDeploymentSpec(SpecModel):
     engine: Annotated[EngineSpec, Field(description="Engine-core limits per replica.")] = EngineSpec()
     placement: Annotated[PlacementSpec, Field(description="GPU placement constraints.")] = PlacementSpec()
     routing: Annotated[RoutingSpec, Field(description="How the sidecars pick a replica per request.")] = RoutingSpec()
+    rollout: Annotated[
+        RolloutSpec | None,
+        Field(description="Judge a change by canary or shadow traffic before it replaces the running version."),
+    ] = None
     spillover: Annotated[
         SpilloverSpec | None,
         Field(description="Tiers requests spill to when the local replicas are saturated (local mode)."),
@@ -679,9 +758,12 @@ class InferenceDeploymentSpec(SpecModel):
         if (self.runtime.kind is RuntimeKind.REMOTE) != (self.runtime.remote is not None):
             raise ValueError("runtime.remote is required with runtime kind remote, and only with it")
         speculative = self.engine.speculative
-        if speculative is not None and speculative.draft_model is not None:
-            if self.runtime.kind not in (RuntimeKind.VLLM, RuntimeKind.SGLANG):
-                raise ValueError("engine.speculative.draftModel needs runtime vllm or sglang")
+        if (
+            speculative is not None
+            and speculative.draft_model is not None
+            and self.runtime.kind not in (RuntimeKind.VLLM, RuntimeKind.SGLANG)
+        ):
+            raise ValueError("engine.speculative.draftModel needs runtime vllm or sglang")
         return self
 
     def for_tier(self, name: str) -> InferenceDeploymentSpec:
@@ -750,6 +832,39 @@ class MetricsSnapshot(SpecModel):
     collected_at: Annotated[str | None, Field(description="RFC 3339 time of the snapshot.")] = None
 
 
+class RolloutPhase(StrEnum):
+    """Where a judged rollout stands (``status.rollout.phase``)."""
+
+    CANARY = "Canary"  # the candidate serves a share of traffic
+    SHADOW = "Shadow"  # the candidate gets a mirror of traffic
+    PROMOTED = "Promoted"  # the candidate's spec replaced the baseline
+    ROLLED_BACK = "RolledBack"  # the candidate was removed; the baseline runs on
+
+
+class RolloutStatus(SpecModel):
+    """The operator's record of the latest rollout (operator/rollout.py)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+    phase: Annotated[RolloutPhase, Field(description="Canary, Shadow, Promoted or RolledBack.")]
+    step: Annotated[int, Field(ge=0, description="Canary step (0-based) the candidate is at.")] = 0
+    weight: Annotated[int, Field(ge=0, le=100, description="Percent of requests the candidate serves.")] = 0
+    candidate_version: Annotated[
+        str | None, Field(description="Hash of the candidate's spec (also the rollout's id).")
+    ] = None
+    baseline_version: Annotated[str | None, Field(description="Hash of the baseline's spec.")] = None
+    decision: Annotated[
+        str | None, Field(description="The release gate's last decision: promote, hold or rollback.")
+    ] = None
+    reasons: Annotated[list[str], Field(description="Why: the gate's reasons, or who acted.")] = []
+    started_at: Annotated[str | None, Field(description="RFC 3339 time the rollout began.")] = None
+    step_started_at: Annotated[str | None, Field(description="RFC 3339 time the current step began.")] = None
+    finished_at: Annotated[str | None, Field(description="RFC 3339 time it was promoted or rolled back.")] = None
+    rejected_spec_hash: Annotated[
+        str | None, Field(description="Spec hash last rolled back; that spec is not rolled out again.")
+    ] = None
+
+
 class InferenceDeploymentStatus(SpecModel):
     """Observed state, written by the operator."""
 
@@ -766,6 +881,7 @@ class InferenceDeploymentStatus(SpecModel):
     conditions: Annotated[list[Condition], Field(description="Placed, Available, Progressing, Degraded.")] = []
     placement: Annotated[PlacementStatus | None, Field(description="Placement decision.")] = None
     metrics: Annotated[MetricsSnapshot | None, Field(description="Latest metrics snapshot.")] = None
+    rollout: Annotated[RolloutStatus | None, Field(description="The latest canary or shadow rollout.")] = None
 
 
 class ObjectMeta(SpecModel):

@@ -342,5 +342,6 @@ async def _load_model(state: EngineState) -> None:
             )
             return
         state.pooling = PoolingService(state.spec, cast(Embedder, state.runner), state.metrics)
-    state.service = EngineService(state.spec, state.core, codec)
+    misdirected = getattr(state.runner, "misdirected_status", 404)  # 421 from vLLM and SGLang runners
+    state.service = EngineService(state.spec, state.core, codec, misdirected_status=misdirected)
     log.info("engine ready: %s", ", ".join(state.spec.served_names()))

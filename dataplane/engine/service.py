@@ -58,11 +58,19 @@ SSE_DONE = b"data: [DONE]\n\n"
 class EngineService:
     """Turns OpenAI requests into runner sequences and chunks into responses."""
 
-    def __init__(self, spec: InferenceDeploymentSpec, core: EngineCore, codec: TextCodec | None) -> None:
-        """``codec`` None: the runner forwards the client's request to an OpenAI-compatible server."""
+    def __init__(
+        self, spec: InferenceDeploymentSpec, core: EngineCore, codec: TextCodec | None, *, misdirected_status: int = 404
+    ) -> None:
+        """``codec`` None: the runner forwards the client's request to an OpenAI-compatible server.
+
+        ``misdirected_status``: the answer to a request for a model this replica does not serve: 404
+        model_not_found, or 421 Misdirected Request for runners whose process serves one model
+        (vLLM, SGLang; docs/runners.md).
+        """
         self.spec = spec
         self.core = core
         self.codec = codec
+        self.misdirected_status = misdirected_status
         self.max_model_len = spec.engine.max_model_len
 
     def models(self) -> dict[str, Any]:
@@ -84,6 +92,13 @@ class EngineService:
     ) -> Prepared:
         """The request checked and turned into a sequence. ``body``: the JSON as sent, for forwarding runners."""
         if req.model not in self.spec.served_names():
+            if self.misdirected_status == 421:
+                raise ApiError(
+                    421,
+                    f"This server does not serve the model '{req.model}'; it serves {self.spec.model.name}.",
+                    param="model",
+                    code="misdirected_request",
+                )
             raise model_not_found(req.model)
         if self.codec is None:
             return self._prepare_forward(req, request_id, priority, body)
@@ -191,13 +206,19 @@ class EngineService:
         metrics = self.core.metrics
         started = time.perf_counter()
         first = True
+        previous = started
         outcome = "error"
         last: TokenChunk | None = None
         try:
             async for chunk in self.core.generate(prep.sequence):
-                if first and (chunk.token_ids or chunk.text):
-                    metrics.ttft_seconds.observe(time.perf_counter() - started)
-                    first = False
+                if chunk.token_ids or chunk.text:
+                    now = time.perf_counter()
+                    if first:
+                        metrics.ttft_seconds.observe(now - started)
+                        first = False
+                    else:
+                        metrics.observe_inter_token(now - previous, len(chunk.token_ids))
+                    previous = now
                 last = chunk
                 yield chunk
             outcome = "ok"

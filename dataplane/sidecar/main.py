@@ -14,6 +14,7 @@ from modelfleet.dataplane.manifest import ManifestError, load_manifests
 from modelfleet.dataplane.settings import SidecarSettings
 from modelfleet.dataplane.sidecar.api import build_app
 from modelfleet.dataplane.sidecar.metrics import SidecarMetrics
+from modelfleet.dataplane.sidecar.rollout import RolloutTraffic
 from modelfleet.dataplane.sidecar.routing import make_policy
 from modelfleet.dataplane.sidecar.service import Coordinator
 from modelfleet.dataplane.sidecar.tiers import Spillover, parse_tier_arg
@@ -51,7 +52,8 @@ def run(settings: SidecarSettings, routing: RoutingSpec | None = None, spillover
         retry_budget=settings.retry_budget,
         spillover=_spillover(settings, spillover),
     )
-    app = build_app(coord)
+    rollout = RolloutTraffic(settings.rollout_file) if settings.rollout_file is not None else None
+    app = build_app(coord, rollout)
     if settings.kubernetes:
         app.cleanup_ctx.append(_discovery(coord, settings))  # after build_app's: the coordinator's session is open
     asyncio.run(serve(app, settings.host, settings.port, shutdown_timeout=settings.shutdown_timeout_s))

@@ -52,6 +52,17 @@ class SidecarMetrics:
             ["peer_index"],
             registry=r,
         )
+        self.rollout_requests = Counter(
+            "modelfleet_sidecar_rollout_requests_total",
+            "Requests under a rollout plan, by side (baseline, candidate) and role (served, mirror)",
+            ["side", "role"],
+            registry=r,
+        )
+        self.rollout_mirror_dropped = Counter(
+            "modelfleet_sidecar_rollout_mirror_dropped_total",
+            "Mirrors not sent because the sidecar had MAX_MIRRORS in flight",
+            registry=r,
+        )
         self.tier_requests = Counter(
             "modelfleet_sidecar_spilled_total",
             "Requests sent to a spill-over tier instead of a local replica, by tier",

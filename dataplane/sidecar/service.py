@@ -2,14 +2,20 @@
 
 Every ``health_interval_s`` (0.5 s while some replica is down) each replica's
 /readyz is checked, and a ready one's /load read into its load view
-(``peers.py`` says how ejection and re-admission follow from the checks). A
+(``peers.py`` says how ejection and re-admission follow from the checks);
+between checks, every ``load_interval_s`` (0.25 s), the healthy replicas' /load
+is read again: the load view counts every sidecar's requests only through it,
+and a stale "full batch" would send requests off their prefix's home until the
+next read (a /load is one small GET, about 16 per second per replica with 4
+sidecars). A
 replica that refuses a connection while a request is forwarded is ejected at
 once. Requests that have not streamed a byte are retried on another replica
 within the retry budget (``upstream.open_upstream``); the policy sees the
-replicas already tried as excluded. A request with a prompt-prefix key carries
-it to the engine in the ``x-modelfleet-prefix-key`` header (hex), and the
-engine reports the keys it served in /load (engine/prefix_keys.py): that is
-how PrefixAffinity's sidecars share where prefixes live (placement.py).
+replicas already tried as excluded. A request sent to its prompt prefix's home
+carries the prefix key to the engine in the ``x-modelfleet-prefix-key`` header
+(hex; not on a detour or failover), and the engine reports the keys it served
+in /load (engine/prefix_keys.py): that is how PrefixAffinity's sidecars share
+where prefixes live (placement.py).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from modelfleet.dataplane.upstream import Attempt, open_upstream
 log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT = aiohttp.ClientTimeout(total=2)
+HOME_REASONS = frozenset({"owner", "remembered", "shared"})  # PrefixAffinity picks that are the prefix's home
 
 
 class Coordinator:
@@ -43,6 +50,7 @@ class Coordinator:
         *,
         retry_budget: int = 2,
         health_interval_s: float = 2.0,
+        load_interval_s: float = 0.25,
         eject_after: int = 3,
         spillover: Spillover | None = None,
     ) -> None:
@@ -52,6 +60,7 @@ class Coordinator:
         self.metrics = metrics
         self.retry_budget = retry_budget
         self.health_interval_s = health_interval_s
+        self.load_interval_s = load_interval_s
         self.eject_after = eject_after
         self.session: aiohttp.ClientSession | None = None
         self.peers: list[Peer] = []
@@ -83,10 +92,22 @@ class Coordinator:
         return any(p.healthy for p in self.peers)
 
     async def health_loop(self) -> None:
+        """Health checks, and the /load reads between them, until cancelled."""
+        await asyncio.gather(self._check_rounds(), self._load_rounds())
+
+    async def _check_rounds(self) -> None:
         while True:
             await self.check_all()
             all_up = all(p.healthy for p in self.peers)
             await asyncio.sleep(self.health_interval_s if all_up else min(self.health_interval_s, 0.5))
+
+    async def _load_rounds(self) -> None:
+        if self.load_interval_s >= self.health_interval_s:
+            return  # the health checks read /load often enough
+        while True:
+            await asyncio.sleep(self.load_interval_s)
+            if self.session is not None:
+                await asyncio.gather(*(self._poll_load(p) for p in self.peers if p.healthy))
 
     async def check_all(self) -> None:
         """One round of health checks and load polls over every peer."""
@@ -149,8 +170,8 @@ class Coordinator:
         spill = self.spillover.target(self.peers) if self.spillover is not None else None
         if spill is not None:
             return await self._forward_to_tier(spill, path, body, headers)
-        if info.prefix_key is not None:  # for the replica's /load report; never sent to a spill-over tier
-            headers = {**headers, PREFIX_KEY_HEADER: info.prefix_key.hex()}
+        key_hex = info.prefix_key.hex() if info.prefix_key is not None else None
+        headers = dict(headers)  # pick() below sets the prefix key per attempt; open_upstream sends this dict
 
         def pick(exclude: set[str]) -> str | None:
             peer = self.policy.pick(self.peers, info, exclude)
@@ -159,6 +180,12 @@ class Coordinator:
             peer.outstanding += 1
             picked.append(peer)
             reasons[peer.url] = self.policy.last_reason
+            # the key goes to the prefix's home only: a detour or failover replica that reported it would
+            # look like an owner to every sidecar's shared placement (never sent to a spill-over tier either)
+            if key_hex is not None and self.policy.last_reason in HOME_REASONS:
+                headers[PREFIX_KEY_HEADER] = key_hex
+            else:
+                headers.pop(PREFIX_KEY_HEADER, None)
             return peer.url
 
         def on_retry(url: str, reason: str) -> None:
@@ -193,6 +220,20 @@ class Coordinator:
             reason=reasons.get(attempt.url, ""),
         ).inc()
         return attempt
+
+    def peer_urls(self) -> set[str]:
+        return set(self._index)
+
+    async def forward_to(self, url: str, path: str, body: bytes, headers: dict[str, str], what: str) -> Attempt:
+        """One try at a URL outside the peer set (a rollout's candidate); its answer reaches the caller as it is."""
+        assert self.session is not None
+
+        def pick(exclude: set[str]) -> str | None:
+            return url if url not in exclude else None
+
+        return await open_upstream(
+            self.session, pick, path, body, headers, retry_budget=0, on_retry=lambda u, r: None, what=what
+        )
 
     async def _forward_to_tier(self, tier: Peer, path: str, body: bytes, headers: dict[str, str]) -> Attempt:
         """One try at the spill-over tier; its refusal (budget spent, rate limited) reaches the client as it is."""

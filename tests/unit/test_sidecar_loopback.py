@@ -35,6 +35,7 @@ class StandIn:
     url: str = ""
     runner: web.AppRunner | None = None
     keys: RecentPrefixKeys | None = None  # set: note and report prefix keys in /load, as the engine does
+    load_reads: int = 0
 
     async def chat(self, request: web.Request) -> web.Response:
         prefix = prompt_prefix(await request.read(), 256) or ""
@@ -49,6 +50,7 @@ class StandIn:
         return web.json_response({"status": "ready"})
 
     async def load(self, request: web.Request) -> web.Response:
+        self.load_reads += 1
         reported = {"prefix_keys": self.keys.report()} if self.keys is not None else {}
         return web.json_response({"running": 0, "queued": 0, "ready": True, **reported})
 
@@ -68,8 +70,11 @@ class StandIn:
         await self.runner.cleanup()
 
 
-async def start_sidecar(policy: str, engines: list[StandIn]) -> tuple[web.AppRunner, str, Coordinator]:
-    coord = Coordinator("t", [e.url for e in engines], make_policy(policy), SidecarMetrics(), health_interval_s=0.05)
+async def start_sidecar(
+    policy: str, engines: list[StandIn], **intervals: float
+) -> tuple[web.AppRunner, str, Coordinator]:
+    intervals.setdefault("health_interval_s", 0.05)
+    coord = Coordinator("t", [e.url for e in engines], make_policy(policy), SidecarMetrics(), **intervals)
     runner = web.AppRunner(build_app(coord))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -178,3 +183,34 @@ async def test_two_sidecars_converge_on_one_even_placement_through_the_engines_r
     per_engine = Counter(s[0] for s in last.values())
     assert max(per_engine.values()) <= 2  # 5 prompts over 3 engines: at most ceil(5 / 3) each
     assert 'reason="shared"' in metrics
+
+
+async def test_only_the_prefix_home_is_told_the_key_not_a_detour(engines):
+    for e in engines:
+        e.keys = RecentPrefixKeys()
+    runner, sidecar, coord = await start_sidecar("PrefixAffinity", engines)
+    try:
+        async with aiohttp.ClientSession() as client:
+            async with client.post(sidecar + "/v1/chat/completions", json=body(SYSTEM_PROMPTS[0], "q")) as resp:
+                home = json.loads(await resp.read())["served_by"]
+            for peer in coord.peers:
+                peer.max_num_seqs = 1  # the engines' capacity, as their /load would report it
+            coord.peers[next(i for i, e in enumerate(engines) if e.name == home)].outstanding = 1  # home is full
+            async with client.post(sidecar + "/v1/chat/completions", json=body(SYSTEM_PROMPTS[0], "q2")) as resp:
+                detour = json.loads(await resp.read())["served_by"]
+    finally:
+        await runner.cleanup()
+    assert detour != home
+    reported = {e.name: e.keys.report() for e in engines if e.keys is not None}
+    assert len(reported[home]) == 1 and reported[detour] == {}  # the detour must not look like an owner
+
+
+async def test_load_is_read_between_health_checks(engines):
+    runner, _, _ = await start_sidecar("PrefixAffinity", engines, health_interval_s=0.2, load_interval_s=0.02)
+    try:
+        before = [e.load_reads for e in engines]
+        await asyncio.sleep(0.15)  # at most one health check round (it reads /load too), several load rounds
+        after = [e.load_reads for e in engines]
+    finally:
+        await runner.cleanup()
+    assert all(b - a >= 3 for a, b in zip(before, after, strict=True)), (before, after)
