@@ -42,7 +42,6 @@ def provider() -> Iterator[FakeProvider]:
     p = FakeProvider(keys={"sk-standin"}).start()
     yield p
     p.stop()
-    p._loop.close()  # FakeProvider.stop leaves its loop (and the loop's self-pipe) open
 
 
 @pytest.fixture
