@@ -59,9 +59,9 @@ from bench.router_overhead import (  # noqa: E402
     Running,
     _cpu_per_req,
     _version,
-    export_ref,
     free_port,
     measure,
+    start_run,
     wait_streaming,
 )
 
@@ -242,15 +242,7 @@ def main() -> None:
     head = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
     ).stdout.strip()
-    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    run = Running()
-    args.source = "working tree"
-    if args.ref:
-        run.pythonpath, commit = export_ref(args.ref, run.workdir)
-        args.source = f"git {args.ref} = {commit}"
-    if args.profile:
-        args.profile.mkdir(parents=True, exist_ok=True)
-        run.profile = args.profile.resolve()
+    run, load_before = start_run(args)
     rows: dict[tuple[str, int], dict[str, float]] = {}
     launcher: Proc | None = None
     kids: list[Descendant] = []

@@ -562,6 +562,21 @@ def run_profiled(out: str, argv: list[str]) -> None:
         dump()
 
 
+def start_run(args: argparse.Namespace) -> tuple[Running, str]:
+    """A run's process registry, with ``--ref`` exported and ``--profile`` prepared; and the load average now.
+    Sets ``args.source`` (what code runs) for the report. Shared with bench/remote_overhead.py."""
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    run = Running()
+    args.source = "working tree"
+    if args.ref:
+        run.pythonpath, commit = export_ref(args.ref, run.workdir)
+        args.source = f"git {args.ref} = {commit}"
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        run.profile = args.profile.resolve()
+    return run, load_before
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == PROFILED:
         return run_profiled(sys.argv[2], sys.argv[3:])
@@ -586,15 +601,7 @@ def main() -> None:
     args = parser.parse_args()
     if "direct" in args.contenders:  # the baseline first, the rest in the order asked
         args.contenders = ["direct", *[c for c in args.contenders if c != "direct"]]
-    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    run = Running()
-    args.source = "working tree"
-    if args.ref:
-        run.pythonpath, commit = export_ref(args.ref, run.workdir)
-        args.source = f"git {args.ref} = {commit}"
-    if args.profile:
-        args.profile.mkdir(parents=True, exist_ok=True)
-        run.profile = args.profile.resolve()
+    run, load_before = start_run(args)
     rows: dict[tuple[str, int], dict[str, float]] = {}
     try:
         upstreams = []

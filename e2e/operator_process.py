@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,3 +65,16 @@ def start_operator(cluster: ControlPlane, log: Path, env: Mapping[str, str] | No
             cwd=ROOT,
         )
     return OperatorProcess(proc, log)
+
+
+def running_operator(
+    cluster: ControlPlane, log: Path, env: Mapping[str, str] | None = None
+) -> Iterator[OperatorProcess]:
+    """A module fixture's body: kopf's peering CRDs, an operator that has started peering, stopped after."""
+    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "kopf-peerings.yaml"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev", "--timeout=60s")
+    op = start_operator(cluster, log, env)
+    op.wait_for_log("peering", 60)
+    yield op
+    op.stop()
+    print(op.output()[-5000:])

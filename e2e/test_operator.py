@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from e2e.cluster import ControlPlane
-from e2e.operator_process import OperatorProcess, start_operator
+from e2e.operator_process import OperatorProcess, running_operator
 
 pytestmark = pytest.mark.k8s
 
@@ -51,15 +50,7 @@ def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def operator(
     crd: ControlPlane, gpu_nodes: list[str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    crd.kubectl(
-        "apply", "--server-side", "-f", str(Path(__file__).resolve().parents[1] / "crds" / "kopf-peerings.yaml")
-    )
-    crd.kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev", "--timeout=60s")
-    op = start_operator(crd, tmp_path_factory.mktemp("operator") / "operator.log")
-    op.wait_for_log("peering", 60)
-    yield op
-    op.stop()
-    print(op.output()[-5000:])
+    yield from running_operator(crd, tmp_path_factory.mktemp("operator") / "operator.log")
 
 
 def test_children_owner_references_and_status(k8s, operator, namespace):

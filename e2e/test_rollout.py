@@ -16,13 +16,12 @@ import copy
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from e2e.cluster import ControlPlane
-from e2e.operator_process import OperatorProcess, start_operator
+from e2e.operator_process import OperatorProcess, running_operator
 from e2e.test_operator import conditions, cr, get, kapply
 
 pytestmark = pytest.mark.k8s
@@ -49,17 +48,9 @@ SPEC: dict[str, Any] = {
 def operator(
     crd: ControlPlane, gpu_nodes: list[str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    crd.kubectl(
-        "apply", "--server-side", "-f", str(Path(__file__).resolve().parents[1] / "crds" / "kopf-peerings.yaml")
-    )
-    crd.kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev", "--timeout=60s")
     # kwok pods have made-up addresses: read "observations" from a closed local port instead
     env = {"MODELFLEET_OPERATOR_ROLLOUT_URL_TEMPLATE": "http://127.0.0.1:9/rollout/observations?id={rollout_id}"}
-    op = start_operator(crd, tmp_path_factory.mktemp("operator") / "operator.log", env)
-    op.wait_for_log("peering", 60)
-    yield op
-    op.stop()
-    print(op.output()[-5000:])
+    yield from running_operator(crd, tmp_path_factory.mktemp("operator") / "operator.log", env)
 
 
 def with_engine(max_num_seqs: int) -> dict[str, Any]:
