@@ -30,6 +30,8 @@ FORWARDED_RESPONSE_HEADERS = (
     "x-request-id",
     "x-modelfleet-replica",
     "x-modelfleet-tier",
+    "x-modelfleet-queue-depth",
+    "x-modelfleet-kv-usage",
 )
 
 

@@ -39,7 +39,7 @@ from modelfleet.dataplane.rollout.observations import (
     check_observations,
     parse_policy,
 )
-from modelfleet.dataplane.rollout.plan import Action, Progress, RolloutPlan, next_action, plan_for
+from modelfleet.dataplane.rollout.plan import Action, Progress, RolloutPlan, next_action, plan_for, sides
 from modelfleet.dataplane.spec import (
     InferenceDeploymentSpec,
     RolloutPhase,
@@ -322,9 +322,7 @@ def decide(
         return roll_back(current, "AbortedByHand", why, current.decision, [why])
 
     def staying(at: RolloutStatus) -> Outcome:
-        plan = plan_for(rollout, d_hash, at.step, peers).model_copy(
-            update={"baseline_version": b_hash, "candidate_version": d_hash}
-        )
+        plan = plan_for(rollout, d_hash, at.step, peers).model_copy(update=sides(baseline, desired, b_hash, d_hash))
         return Outcome(running, candidate, plan, at, conditions, events)
 
     if report is None:

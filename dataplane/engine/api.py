@@ -107,11 +107,12 @@ async def _openai(
     service = state.ready_service()
     prep = await service.prepare(req, request.headers.get("x-request-id"), priority, body)
     state.prefix_keys.note(request.headers.get(PREFIX_KEY_HEADER))
+    headers = {"x-request-id": prep.request_id, **_load_headers(state)}
     if not prep.stream:
-        return json_response(await service.complete(prep), headers={"x-request-id": prep.request_id})
+        return json_response(await service.complete(prep), headers=headers)
     async with aclosing(service.stream(prep)) as events:
         first = await anext(events)  # errors before the first byte keep their HTTP status
-        resp = web.StreamResponse(headers=SSE_HEADERS | {"x-request-id": prep.request_id})
+        resp = web.StreamResponse(headers=SSE_HEADERS | headers)
         await resp.prepare(request)
         await resp.write(first)
         async for event in events:
@@ -212,14 +213,12 @@ async def readyz(request: web.Request) -> web.Response:
 async def load(request: web.Request) -> web.Response:
     state = request.app[STATE]
     ready = state.service is not None and not state.worker.rebuilding
-    body: dict[str, object] = {**state.core.load(), "ready": ready, "prefix_keys": state.prefix_keys.report()}
-    stats = getattr(state.runner, "runtime_stats", None)
-    if callable(stats):
-        runtime = stats()
-        if runtime.get("kv_blocks_total"):
-            body["kv_usage"] = round(runtime["kv_blocks_used"] / runtime["kv_blocks_total"], 4)
-        if runtime.get("prefix_queries"):
-            body["prefix_hit_rate"] = round(runtime["prefix_hits"] / runtime["prefix_queries"], 4)
+    body: dict[str, object] = {
+        **state.core.load(),
+        "ready": ready,
+        "prefix_keys": state.prefix_keys.report(),
+        **_runtime_load(state),
+    }
     return json_response(body)
 
 
@@ -242,6 +241,29 @@ SGLANG_DEFAULTS: dict[str, object] = {
     "stream_reasoning": True,
     "return_hidden_states": False,
 }
+
+
+def _runtime_load(state: EngineState) -> dict[str, float]:
+    """KV usage and prefix-cache hit rate from the runner's counters (runners without them: nothing)."""
+    stats = getattr(state.runner, "runtime_stats", None)
+    if not callable(stats):
+        return {}
+    runtime = stats()
+    out: dict[str, float] = {}
+    if runtime.get("kv_blocks_total"):
+        out["kv_usage"] = round(runtime["kv_blocks_used"] / runtime["kv_blocks_total"], 4)
+    if runtime.get("prefix_queries"):
+        out["prefix_hit_rate"] = round(runtime["prefix_hits"] / runtime["prefix_queries"], 4)
+    return out
+
+
+def _load_headers(state: EngineState) -> dict[str, str]:
+    """The replica's load as a request arrives: waiting requests and KV usage (rollout observations read them)."""
+    headers = {"x-modelfleet-queue-depth": str(state.core.queued)}
+    kv = _runtime_load(state).get("kv_usage")
+    if kv is not None:
+        headers["x-modelfleet-kv-usage"] = f"{kv:.4f}"
+    return headers
 
 
 def _drop_sglang_defaults(body: dict[str, object]) -> dict[str, object]:

@@ -38,7 +38,7 @@ import yaml
 from modelfleet.dataplane.manifest import ManifestError, load_manifests
 from modelfleet.dataplane.rollout.gate import evaluate
 from modelfleet.dataplane.rollout.observations import Observation, RolloutInputError, parse_policy
-from modelfleet.dataplane.rollout.plan import Action, Progress, next_action, plan_for
+from modelfleet.dataplane.rollout.plan import Action, Progress, next_action, plan_for, sides
 from modelfleet.dataplane.spec import InferenceDeployment, InferenceDeploymentSpec
 
 IGNORED_FIELDS = ("replicas", "routing", "rollout", "spillover")
@@ -209,7 +209,7 @@ class LocalRollouts:
         plan = plan_for(spec, rollout.rollout_id, rollout.step, [c.url for c in rollout.candidates])
         base = self.baseline[name]
         plan = plan.model_copy(
-            update={"baseline_version": spec_hash(base.spec), "candidate_version": spec_hash(rollout.dep.spec)}
+            update=sides(base.spec, rollout.dep.spec, spec_hash(base.spec), spec_hash(rollout.dep.spec))
         )
         tmp = self.plan_file(name).with_suffix(".tmp")
         tmp.write_text(json.dumps(plan.to_wire()))

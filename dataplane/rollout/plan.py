@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from modelfleet.dataplane.spec import RolloutSpec, RolloutStrategy
+from modelfleet.dataplane.spec import InferenceDeploymentSpec, RolloutSpec, RolloutStrategy, RuntimeKind
 
 
 class RolloutPlan(BaseModel):
@@ -45,9 +45,38 @@ class RolloutPlan(BaseModel):
     candidate_peers: list[str] = Field(min_length=1, description="URLs the candidate's requests go to")
     baseline_version: str | None = None
     candidate_version: str | None = None
+    baseline_runtime: str | None = None
+    candidate_runtime: str | None = None
+    baseline_accelerator: str | None = None
+    candidate_accelerator: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+def accelerator(spec: InferenceDeploymentSpec) -> str:
+    """What a side computes on, as the gate's segments name it: cpu, a GPU type, gpu, or remote."""
+    if spec.runtime.kind is RuntimeKind.REMOTE:
+        return "remote"
+    if not spec.needs_gpu():
+        return "cpu"
+    types = spec.placement.gpu_types
+    return types[0] if types else "gpu"
+
+
+def sides(
+    baseline: InferenceDeploymentSpec, candidate: InferenceDeploymentSpec, baseline_version: str, candidate_version: str
+) -> dict[str, Any]:
+    """What a plan says of each side (a ``model_copy`` update): version, runtime and accelerator, which the
+    sidecars put into every observation so the gate's report has per-segment summaries."""
+    return {
+        "baseline_version": baseline_version,
+        "candidate_version": candidate_version,
+        "baseline_runtime": baseline.runtime.kind.value,
+        "candidate_runtime": candidate.runtime.kind.value,
+        "baseline_accelerator": accelerator(baseline),
+        "candidate_accelerator": accelerator(candidate),
+    }
 
 
 class Action(StrEnum):

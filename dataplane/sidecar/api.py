@@ -52,6 +52,7 @@ async def _respond(
     upstream = attempt.response
     if tracked is not None:
         tracked.status = upstream.status
+        tracked.read_headers(upstream.headers)
     try:
         tier = coord.tier_of(attempt.url)
         headers = response_headers(upstream) | {TIER_HEADER: tier}
@@ -108,7 +109,7 @@ async def _rollout_proxy(
 
     def record(capture: Capture | None) -> None:
         if capture is not None:
-            obs = capture.observation(traffic.version(route.serve), where["url"], plan.strategy.value.lower())
+            obs = capture.observation(traffic.side(route.serve), where["url"], plan.strategy.value.lower())
             traffic.record(route.serve, plan.id, obs)
 
     try:
@@ -170,6 +171,7 @@ async def _mirror(
                 attempt = await coord.forward(path, body, headers)
             url = attempt.url
             capture.status = attempt.response.status
+            capture.read_headers(attempt.response.headers)
             capture.streaming = attempt.response.headers.get("content-type", "").startswith("text/event-stream")
             try:
                 async for chunk in relay(attempt.response, streaming=capture.streaming):
@@ -180,7 +182,7 @@ async def _mirror(
             capture.status = exc.status
         except (aiohttp.ClientError, TimeoutError):
             capture.status = 502
-        traffic.record(side, plan_id, capture.observation(traffic.version(side), url, "mirror"))
+        traffic.record(side, plan_id, capture.observation(traffic.side(side), url, "mirror"))
 
 
 async def rollout_observations(request: web.Request) -> web.Response:

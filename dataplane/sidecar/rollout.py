@@ -28,6 +28,7 @@ counted) and observations are kept per rollout id in bounded buffers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -35,7 +36,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ from modelfleet.dataplane.spec import RolloutStrategy
 
 log = logging.getLogger(__name__)
 
+QUEUE_DEPTH_HEADER = "x-modelfleet-queue-depth"  # set by the engine: requests waiting when this one arrived
+KV_USAGE_HEADER = "x-modelfleet-kv-usage"  # set by the engine: fraction of its KV blocks in use then
 MAX_OBSERVATIONS = 20_000  # per side and rollout
 MAX_MIRRORS = 32  # mirrored requests in flight per sidecar
 BASELINE, CANDIDATE = "baseline", "candidate"
@@ -85,6 +88,8 @@ class Capture:
     _token_times: list[float] = field(default_factory=list)
     _error: bool = False
     _usage: dict[str, Any] = field(default_factory=dict)
+    queue_depth: int | None = None
+    kv_usage: float | None = None
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
@@ -131,7 +136,15 @@ class Capture:
                     vector.extend(float(x) for x in emb if isinstance(x, int | float))
             self._vector = vector or None
 
-    def observation(self, side_version: str | None, replica: str, route: str) -> dict[str, Any]:
+    def read_headers(self, headers: Mapping[str, str]) -> None:
+        """The engine's queue depth at admission and KV usage (x-modelfleet-queue-depth, x-modelfleet-kv-usage)."""
+        with contextlib.suppress(TypeError, ValueError):
+            self.queue_depth = int(headers.get(QUEUE_DEPTH_HEADER, ""))
+        with contextlib.suppress(TypeError, ValueError):
+            kv = float(headers.get(KV_USAGE_HEADER, ""))
+            self.kv_usage = kv if 0.0 <= kv <= 1.0 else None
+
+    def observation(self, side: Mapping[str, str | None], replica: str, route: str) -> dict[str, Any]:
         done = time.perf_counter()
         if not self.streaming and self._buffer:
             try:
@@ -149,8 +162,13 @@ class Capture:
             "replica": replica,
             "route": route,
         }
-        if side_version:
-            obs["model_version"] = side_version
+        for key in ("model_version", "runtime", "accelerator"):
+            if side.get(key):
+                obs[key] = side[key]
+        if self.queue_depth is not None and self.queue_depth >= 0:
+            obs["queue_depth"] = self.queue_depth
+        if self.kv_usage is not None:
+            obs["kv_usage"] = self.kv_usage
         if ok and self.compare:
             if self._vector is not None:
                 obs["output_vector"] = self._vector
@@ -235,10 +253,22 @@ class RolloutTraffic:
         self._turn += 1
         return self.plan.candidate_peers[self._turn % len(self.plan.candidate_peers)].rstrip("/")
 
-    def version(self, side: str) -> str | None:
-        if self.plan is None:
-            return None
-        return self.plan.baseline_version if side == BASELINE else self.plan.candidate_version
+    def side(self, side: str) -> dict[str, str | None]:
+        """What the plan says of one side: model_version, runtime and accelerator (observation fields)."""
+        plan = self.plan
+        if plan is None:
+            return {}
+        if side == BASELINE:
+            return {
+                "model_version": plan.baseline_version,
+                "runtime": plan.baseline_runtime,
+                "accelerator": plan.baseline_accelerator,
+            }
+        return {
+            "model_version": plan.candidate_version,
+            "runtime": plan.candidate_runtime,
+            "accelerator": plan.candidate_accelerator,
+        }
 
     def record(self, side: str, plan_id: str, obs: dict[str, Any]) -> None:
         if self.plan is not None and self.plan.id == plan_id:

@@ -92,6 +92,10 @@ def test_a_change_that_needs_new_pods_starts_a_candidate_and_keeps_the_baseline(
         "candidatePeers": ["http://chat-candidate.llm.svc:8000"],
         "baselineVersion": spec_hash(BASE),
         "candidateVersion": spec_hash(NEW),
+        "baselineRuntime": "torch",
+        "candidateRuntime": "torch",
+        "baselineAccelerator": "cpu",
+        "candidateAccelerator": "cpu",
     }
     assert out.status is not None and out.status.phase is RolloutPhase.CANARY
     assert (out.status.step, out.status.weight, out.status.candidate_version) == (0, 10, spec_hash(NEW))

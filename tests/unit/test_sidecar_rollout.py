@@ -183,17 +183,45 @@ def test_capture_reads_sse_json_and_embeddings() -> None:
     for part in (b'data: {"choices":[{"index":0,"delta":{"content":"A"}}]}\n\nda', b'ta: {"choices":[{"index":0,'):
         streamed.feed(part)
     streamed.feed(b'"delta":{"content":"B"}}]}\n\ndata: {"choices":[],"usage":{"completion_tokens":2}}\n\n')
-    obs = streamed.observation("v1", "http://e", "shadow")
+    streamed.read_headers({"x-modelfleet-queue-depth": "3", "x-modelfleet-kv-usage": "0.25"})
+    obs = streamed.observation({"model_version": "v1", "runtime": "torch", "accelerator": None}, "http://e", "shadow")
     assert obs["output_tokens"] == [fingerprint("AB")] and obs["completion_tokens"] == 2
-    assert len(obs["itl_ms"]) == 1 and obs["model_version"] == "v1"
+    assert len(obs["itl_ms"]) == 1 and obs["model_version"] == "v1" and obs["runtime"] == "torch"
+    assert "accelerator" not in obs and obs["queue_depth"] == 3 and obs["kv_usage"] == 0.25
+    junk = Capture("r", compare=False)
+    junk.read_headers({"x-modelfleet-queue-depth": "many", "x-modelfleet-kv-usage": "2.5"})
+    assert "queue_depth" not in junk.observation({}, "u", "mirror") and junk.kv_usage is None
     vectors = Capture("r", compare=True)
     vectors.feed(b'{"data":[{"embedding":[0.5,1]},{"embedding":[2]}]}')
-    assert vectors.observation(None, "u", "mirror")["output_vector"] == [0.5, 1.0, 2.0]
+    assert vectors.observation({}, "u", "mirror")["output_vector"] == [0.5, 1.0, 2.0]
     failed = Capture("r", compare=True, streaming=True)
     failed.feed(b'data: {"error":{"message":"x"}}\n\n')
-    assert failed.observation(None, "u", "mirror")["ok"] is False
+    assert failed.observation({}, "u", "mirror")["ok"] is False
     sampled = Capture("r", compare=False)
     sampled.feed(b'{"choices":[{"index":0,"message":{"content":"x"}}]}')
-    assert "output_tokens" not in sampled.observation(None, "u", "canary")
+    assert "output_tokens" not in sampled.observation({}, "u", "canary")
     assert comparable({"temperature": 0}) and not comparable({"temperature": 0.7}) and not comparable({})
     assert comparable({"input": "x"})
+
+
+def test_plan_sides_name_runtime_and_accelerator() -> None:
+    from modelfleet.dataplane.rollout.plan import sides
+    from modelfleet.dataplane.spec import InferenceDeploymentSpec
+
+    cpu = InferenceDeploymentSpec.model_validate({"model": {"name": "m", "source": {"path": "/w"}}})
+    gpu = InferenceDeploymentSpec.model_validate(
+        {
+            "model": {"name": "m", "source": {"path": "/w"}},
+            "runtime": {"device": "cuda"},
+            "placement": {"gpuTypes": ["H100"]},
+        }
+    )
+    got = sides(cpu, gpu, "b1", "c1")
+    assert got == {
+        "baseline_version": "b1",
+        "candidate_version": "c1",
+        "baseline_runtime": "torch",
+        "candidate_runtime": "torch",
+        "baseline_accelerator": "cpu",
+        "candidate_accelerator": "H100",
+    }
