@@ -55,4 +55,8 @@ def run(settings: EngineSettings) -> None:
         app.cleanup_ctx.append(config_watch(settings.manifest, lambda: engine_spec(settings), runner, metrics))
     what = f"tier {settings.tier}" if settings.tier else str(settings.replica)
     log.info("engine %s/%s listening on %s:%d", dep.metadata.name, what, settings.host, settings.port)
-    asyncio.run(serve(app, settings.host, settings.port, shutdown_timeout=settings.shutdown_timeout_s))
+
+    def drain() -> None:  # SIGTERM: /health (SGLang's probe) and the handlers refuse new work too
+        state.draining = True
+
+    asyncio.run(serve(app, settings.host, settings.port, shutdown_timeout=settings.shutdown_timeout_s, on_drain=drain))
