@@ -120,6 +120,22 @@ def _secret_volumes(spec: InferenceDeploymentSpec) -> tuple[list[dict[str, Any]]
     return [volume], [mount]
 
 
+# Graceful drain (docs/reliability.md): the preStop sleep lets EndpointSlice watchers (sidecars,
+# kube-proxy) drop a terminating pod before it gets SIGTERM; then each container drains its streams
+# for SHUTDOWN_TIMEOUT_S. The grace period covers both with room to spare (tests/chart/test_drain_timing.py).
+PRESTOP_SLEEP_S = 5
+SHUTDOWN_TIMEOUT_S = 30
+TERMINATION_GRACE_S = 60
+
+
+def _shutdown_env() -> dict[str, str]:
+    return {"name": "MODELFLEET_SHUTDOWN_TIMEOUT_S", "value": str(SHUTDOWN_TIMEOUT_S)}
+
+
+def _prestop() -> dict[str, Any]:
+    return {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_S}}}
+
+
 RESTRICTED = {
     "allowPrivilegeEscalation": False,
     "readOnlyRootFilesystem": True,
@@ -188,13 +204,14 @@ def deployment(
             {"name": "MODELFLEET_CACHE", "value": "/cache"},
             {"name": "HF_HUB_OFFLINE", "value": "1"},
             {"name": "HOME", "value": "/tmp"},
+            _shutdown_env(),
         ],
         "resources": engine_resources,
         # the engine answers /healthz at once and /readyz once weights are loaded
         "startupProbe": _probe("/healthz", "engine", 5, 120),
         "readinessProbe": _probe("/readyz", "engine", 5, 3),
         "livenessProbe": _probe("/healthz", "engine", 10, 3),
-        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
+        "lifecycle": _prestop(),
         "securityContext": RESTRICTED,
         "volumeMounts": [
             {"name": "config", "mountPath": names.CONFIG_DIR, "readOnly": True},
@@ -233,10 +250,11 @@ def deployment(
             str(names.SIDECAR_PORT),
         ],
         "ports": [{"name": "http", "containerPort": names.SIDECAR_PORT, "protocol": "TCP"}],
+        "env": [_shutdown_env()],
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
         "readinessProbe": _probe("/readyz", "http", 5, 3),
         "livenessProbe": _probe("/healthz", "http", 10, 3),
-        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
+        "lifecycle": _prestop(),
         "securityContext": RESTRICTED,
         "volumeMounts": [
             {"name": "config", "mountPath": names.CONFIG_DIR, "readOnly": True},
@@ -247,7 +265,7 @@ def deployment(
     }
     pod_spec: dict[str, Any] = {
         "containers": [engine, sidecar],
-        "terminationGracePeriodSeconds": 60,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
         "enableServiceLinks": False,
         "serviceAccountName": names.sidecar_account_name(owner.name),  # a candidate's pods share it
         "automountServiceAccountToken": False,  # mounted by hand into the sidecar only (kube-api-access)
