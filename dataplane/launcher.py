@@ -184,8 +184,14 @@ class Stack:
     def exited(self) -> Child | None:
         return next((c for c in self.children if c.proc.poll() is not None), None)
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM everything (gateway first, engines last), then SIGKILL stragglers."""
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM everything (gateway first, engines last), then SIGKILL stragglers.
+
+        By default stragglers get the children's drain timeout (MODELFLEET_SHUTDOWN_TIMEOUT_S) and 10 s
+        more, so streams in flight finish, or end with an error event, before anything is killed.
+        """
+        if timeout is None:
+            timeout = float(os.environ.get("MODELFLEET_SHUTDOWN_TIMEOUT_S", "30")) + 10.0
         for child in reversed(self.children):
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
