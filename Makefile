@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: help run test venv venv-test lint typecheck unit integration e2e k8s bench clean crds engine-parsers fuzz
+.PHONY: help run test venv venv-test lint typecheck unit integration e2e k8s bench clean crds engine-parsers fuzz soak
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -64,6 +64,10 @@ bench: ## run the benchmarks (prints tables; record results in bench/RESULTS.md)
 	$(PY) bench/llamacpp_compare.py
 	$(PY) bench/router_overhead.py
 	$(PY) bench/remote_overhead.py
+
+soak: venv-test ## 500 streaming clients x 60 s at gateway+sidecar (fake upstream), then 32 x 60 s through the real engine
+	$(PY) bench/soak.py --target fake --clients 500 --duration 60
+	$(PY) bench/soak.py --target engine --clients 32 --duration 60 --max-tokens 8
 
 clean: ## remove build outputs (keeps the caches outside the repo)
 	rm -rf build .mypy_cache .ruff_cache .pytest_cache

@@ -136,7 +136,7 @@ def test_the_lock_down_check_fails_on_a_weakened_pod() -> None:
     def weakened(change: Any) -> dict[str, Any]:
         import copy
 
-        pod = copy.deepcopy(good)
+        pod: dict[str, Any] = copy.deepcopy(good)
         change(pod)
         return pod
 

@@ -102,7 +102,7 @@ def _metrics(url: str, token: str | None = None) -> str:
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     with urllib.request.urlopen(req, timeout=10) as resp:
-        return resp.read().decode(errors="replace")
+        return str(resp.read().decode(errors="replace"))
 
 
 def test_no_key_credential_or_prompt_in_any_log_or_metric(secured: Stack, provider: FakeProvider) -> None:
@@ -116,7 +116,12 @@ def test_no_key_credential_or_prompt_in_any_log_or_metric(secured: Stack, provid
     seen = provider.requests[-1]
     assert seen["headers"]["Authorization"] == f"Bearer {PROVIDER_KEY}"
     assert PROMPT_MARKER in str(seen["body"])  # the prompt really went through gateway, sidecar and engine
-    stream = client.chat.completions.create(model="local-smollm2", messages=messages, max_tokens=4, stream=True)  # type: ignore[arg-type]
+    stream = client.chat.completions.create(
+        model="local-smollm2",
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=4,
+        stream=True,
+    )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     done = client.completions.create(model="local-smollm2", prompt=PROMPT, max_tokens=4)
     assert done.choices[0].text is not None
