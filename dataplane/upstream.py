@@ -22,6 +22,7 @@ from modelfleet.dataplane.protocol import ApiError, error_body, unavailable
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({429, 503})
+MAX_HELD_EVENT_BYTES = 1 << 20  # a partial SSE event longer than this is passed on as is
 # Headers passed between hops. Everything else (hop-by-hop, auth) stays behind.
 FORWARDED_REQUEST_HEADERS = ("content-type", "x-request-id", "x-session-id", "x-modelfleet-priority")
 FORWARDED_RESPONSE_HEADERS = (
@@ -122,12 +123,32 @@ def sse_error_event(message: str, code: str = "upstream_failed") -> bytes:
     return b"data: " + json.dumps(body).encode() + b"\n\ndata: [DONE]\n\n"
 
 
+def _event_end(data: bytes) -> int:
+    """Where the last complete SSE event in ``data`` ends (0: none is complete)."""
+    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
 async def relay(resp: aiohttp.ClientResponse, *, streaming: bool) -> AsyncIterator[bytes]:
-    """The upstream body as it arrives; a broken stream ends with an error event."""
+    """The upstream body as it arrives; a broken stream ends with an error event.
+
+    A stream is passed on in whole events: a partial one waits for its end, so
+    when the upstream breaks mid-event the client gets the error event alone,
+    not glued to half an event it cannot parse.
+    """
     finished = False
+    held = b""
     try:
         async for data in resp.content.iter_any():
+            if streaming:
+                data = held + data
+                end = _event_end(data) if len(data) < MAX_HELD_EVENT_BYTES else len(data)
+                data, held = data[:end], data[end:]
+                if not data:
+                    continue
             yield data
+        if held:
+            yield held
         finished = True
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
         log.warning("upstream stream broke: %s", type(exc).__name__)
