@@ -62,8 +62,13 @@ class Engine:
         self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
         return self
 
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
 
-async def sidecar(baseline: Engine, plan_file: Path) -> AsyncIterator[tuple[str, RolloutTraffic]]:
+
+async def sidecar(baseline: Engine, plan_file: Path, candidate: Engine) -> AsyncIterator[tuple[str, RolloutTraffic]]:
+    """A sidecar in front of ``baseline`` reading ``plan_file``; both engines are stopped after."""
     coord = Coordinator("t", [baseline.url], make_policy("RoundRobin"), SidecarMetrics(), health_interval_s=0.05)
     traffic = RolloutTraffic(plan_file, seed=3)
     runner = web.AppRunner(build_app(coord, traffic))
@@ -79,6 +84,8 @@ async def sidecar(baseline: Engine, plan_file: Path) -> AsyncIterator[tuple[str,
         yield url, traffic
     finally:
         await runner.cleanup()
+        await baseline.stop()
+        await candidate.stop()
 
 
 def write_plan(path: Path, candidate: Engine, strategy: RolloutStrategy, weight: int, mirror: int = 100) -> None:
@@ -116,7 +123,7 @@ async def test_shadow_mirrors_every_request_and_the_client_sees_only_the_baselin
     base, cand = await Engine(["Hel", "lo"]).start(), await Engine(["Hel", "lo"]).start()
     plan_file = tmp_path / "plan.json"
     write_plan(plan_file, cand, RolloutStrategy.SHADOW, weight=0)
-    async for url, traffic in sidecar(base, plan_file):
+    async for url, traffic in sidecar(base, plan_file, cand):
         async with aiohttp.ClientSession() as session:
             answers = [await ask(session, url, i, stream=i % 2 == 0) for i in range(6)]
             await settle(traffic)
@@ -146,7 +153,7 @@ async def test_canary_splits_by_weight_and_a_different_answer_rolls_back(tmp_pat
     base, cand = await Engine(["Hel", "lo"]).start(), await Engine(["Good", "bye"]).start()
     plan_file = tmp_path / "plan.json"
     write_plan(plan_file, cand, RolloutStrategy.CANARY, weight=50)
-    async for url, traffic in sidecar(base, plan_file):
+    async for url, traffic in sidecar(base, plan_file, cand):
         async with aiohttp.ClientSession() as session:
             answers = [await ask(session, url, i) for i in range(40)]
             await settle(traffic)
@@ -166,7 +173,7 @@ async def test_canary_splits_by_weight_and_a_different_answer_rolls_back(tmp_pat
 async def test_no_plan_file_means_no_rollout_and_a_removed_plan_ends_it(tmp_path: Path) -> None:
     base, cand = await Engine(["a"]).start(), await Engine(["b"]).start()
     plan_file = tmp_path / "plan.json"
-    async for url, traffic in sidecar(base, plan_file):
+    async for url, traffic in sidecar(base, plan_file, cand):
         async with aiohttp.ClientSession() as session:
             assert await ask(session, url, 0) == "a"
             write_plan(plan_file, cand, RolloutStrategy.CANARY, weight=100, mirror=0)
