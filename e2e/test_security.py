@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from e2e.cluster import ControlPlane
-from e2e.operator_process import OperatorProcess, start_operator
+from e2e.operator_process import OperatorProcess, running_operator
 from modelfleet.operator.resources.children import Owner, sidecar_access
 
 pytestmark = pytest.mark.k8s
@@ -252,17 +252,17 @@ SECRET_VALUE = f"sk-remote-{secrets.token_hex(12)}"
 def operator(
     k8s: ControlPlane, crd: ControlPlane, gpu_nodes: list[str], namespace: str, tmp_path: Path
 ) -> Iterator[OperatorProcess]:
-    crd.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "kopf-peerings.yaml"))
-    crd.kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev", "--timeout=60s")
-    peering = f"security-{namespace}"
-    op = start_operator(crd, tmp_path / "operator.log", env={"MODELFLEET_OPERATOR_PEERING_NAME": peering})
-    op.wait_for_log("peering", 60)
+    peering = f"security-{namespace}"  # a peering of its own: no other test's operator waits on it
+    running = running_operator(crd, tmp_path / "operator.log", env={"MODELFLEET_OPERATOR_PEERING_NAME": peering})
+    op = next(running)
     try:
         yield op
     finally:
+        # never leave a CR with the operator's finalizer behind
         if k8s.kubectl("get", "infd/hosted", "-n", namespace, check=False).returncode == 0:
             k8s.kubectl("delete", "infd/hosted", "-n", namespace, "--timeout=60s", check=False)
-        op.stop()
+        for _ in running:  # stops the operator
+            pass
         k8s.kubectl("delete", "clusterkopfpeering", peering, "--ignore-not-found", check=False)
 
 
