@@ -34,7 +34,10 @@ reach their working size, so the windows compare steady state with steady
 state. Everything is bounded: the number of clients, the duration, every
 request (``--request-timeout``), and the drain at the end.
 
-    .venv/bin/python bench/soak.py [--target fake|engine] [--clients 500] [--duration 60]
+    .venv/bin/python bench/soak.py [--target fake|engine] [--clients 500] [--duration 60] [--ref HEAD]
+
+``--ref`` runs ModelFleet's processes from a git commit (``git archive``, as
+``bench/router_overhead.py --ref`` does) when the working tree is being edited.
 
 ``make soak`` runs both targets at full size; ``tests/integration/test_soak.py``
 runs a sized-down version with the same assertions through :func:`run_soak`.
@@ -65,7 +68,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.router_overhead import MF, Running, start_contender, wait_streaming  # noqa: E402
+from bench.router_overhead import MF, Running, export_ref, start_contender, wait_streaming  # noqa: E402
 from bench.router_overhead import free_port as _free_port  # noqa: E402
 
 FAKE_MODEL = "fake"  # bench/fake_upstream.py's model id, and the one the gateway routes to it
@@ -274,10 +277,13 @@ async def drive(
             for _ in range(clients)
         ]
         # bounded: a request started just before the end has request_timeout to finish, then it is cancelled
-        _, pending = await asyncio.wait(tasks, timeout=warmup + duration + request_timeout + 5)
+        finished, pending = await asyncio.wait(tasks, timeout=warmup + duration + request_timeout + 5)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        for task in finished:  # a client that died of something unexpected is an error, not silence
+            if (exc := task.exception()) is not None:
+                load.statuses[f"client crashed: {type(exc).__name__}"] += 1
         load.statuses["unfinished"] += len(pending)
         if not load.statuses["unfinished"]:
             del load.statuses["unfinished"]
@@ -371,9 +377,11 @@ def window_means(w: Watched, duration: float, window: float) -> tuple[float, flo
 
 
 @contextlib.contextmanager
-def fake_stack(upstreams: int = 1, chunks: int = 16) -> Iterator[tuple[str, list[Watched]]]:
+def fake_stack(upstreams: int = 1, chunks: int = 16, ref: str | None = None) -> Iterator[tuple[str, list[Watched]]]:
     """Gateway + sidecar (ModelFleet) in front of ``upstreams`` fake upstreams (instruments)."""
     run = Running()
+    if ref:
+        run.pythonpath, _ = export_ref(ref, run.workdir)
     try:
         urls = []
         ups = []
@@ -404,7 +412,9 @@ def fake_stack(upstreams: int = 1, chunks: int = 16) -> Iterator[tuple[str, list
 
 
 @contextlib.contextmanager
-def engine_stack(max_num_seqs: int, ready_timeout: float = 600.0) -> Iterator[tuple[str, list[Watched]]]:
+def engine_stack(
+    max_num_seqs: int, ready_timeout: float = 600.0, ref: str | None = None
+) -> Iterator[tuple[str, list[Watched]]]:
     """``modelfleet up`` with SmolLM2 int8 on a free port; every process of it watched."""
     workdir = Path(tempfile.mkdtemp(prefix="bench-soak-"))
     manifest = workdir / "soak.yaml"
@@ -412,6 +422,8 @@ def engine_stack(max_num_seqs: int, ready_timeout: float = 600.0) -> Iterator[tu
     port = _free_port()
     log = workdir / "up.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    if ref:  # the launcher passes its environment on to every child
+        env["PYTHONPATH"], _ = export_ref(ref, workdir)
     cmd = [sys.executable, "-m", "modelfleet.dataplane.cli", "up", "-f", str(manifest), "--port", str(port)]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
@@ -447,16 +459,17 @@ def run_soak(
     max_growth: float = 10.0,
     upstreams: int = 1,
     request_timeout: float = 60.0,
+    ref: str | None = None,
 ) -> SoakResult:
     """Start the target stack, soak it, stop it; the measured result (see :meth:`SoakResult.failures`)."""
     if duration < window:
         raise ValueError("duration must be at least one window")
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     if target == "fake":
-        stack = fake_stack(upstreams=upstreams, chunks=max_tokens)
+        stack = fake_stack(upstreams=upstreams, chunks=max_tokens, ref=ref)
         model = FAKE_MODEL
     elif target == "engine":
-        stack = engine_stack(max_num_seqs=clients)
+        stack = engine_stack(max_num_seqs=clients, ref=ref)
         model = ENGINE_MODEL
     else:
         raise ValueError(f"unknown target {target!r}")
@@ -493,12 +506,24 @@ def main() -> None:
     parser.add_argument("--max-growth", type=float, default=10.0, help="allowed RSS growth, percent")
     parser.add_argument("--upstreams", type=int, default=1, help="fake upstream processes (target fake)")
     parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds per request")
+    parser.add_argument(
+        "--ref",
+        help="run ModelFleet's processes from this git commit (git archive into a temporary directory) instead of"
+        " the working tree, e.g. HEAD while dataplane/ is being edited",
+    )
     args = parser.parse_args()
     cpu = next(
         (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln),
         platform.machine(),
     )
-    print(f"machine: {os.cpu_count()} cpus ({cpu}), python {platform.python_version()}", flush=True)
+    source = "the working tree"
+    if args.ref:
+        commit = subprocess.run(["git", "rev-parse", "--short", args.ref], cwd=ROOT, capture_output=True, text=True)
+        source = f"git {args.ref} = {commit.stdout.strip()}"
+    print(
+        f"machine: {os.cpu_count()} cpus ({cpu}), python {platform.python_version()}; ModelFleet from {source}",
+        flush=True,
+    )
     result = run_soak(
         args.target,
         args.clients,
@@ -509,6 +534,7 @@ def main() -> None:
         args.max_growth,
         args.upstreams,
         args.request_timeout,
+        args.ref,
     )
     print(result.table(), flush=True)
     sys.exit(1 if result.failures() else 0)
