@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--deployment", required=True)
     sidecar.add_argument("--peer", action="append", default=[], help="engine URL (repeat)")
     sidecar.add_argument(
+        "--local-peer", metavar="URL", help="the engine in this sidecar's pod, one of the peers (prefix placement)"
+    )
+    sidecar.add_argument(
         "--tier", action="append", default=[], metavar="NAME=URL", help="spill-over tier engine (see spec.spillover)"
     )
     sidecar.add_argument(
@@ -234,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             settings = SidecarSettings(
                 deployment=args.deployment,
                 peers=args.peer,
+                local_peer=args.local_peer,
                 tiers=args.tier,
                 rollout_file=args.rollout_file,
                 host=args.host,

@@ -260,8 +260,9 @@ def start_stack(
         sidecar_args += [arg for e in engines for arg in ("--peer", e.url)]
         sidecar_args += [arg for tier_name, e in tiers for arg in ("--tier", f"{tier_name}={e.url}")]
         sidecar_args += ["--rollout-file", str(stack.workdir / f"{name}.rollout.json")]  # dataplane/rollout/local.py
+        local = [["--local-peer", engines[i].url] if i < len(engines) else [] for i in range(max(dep.spec.replicas, 1))]
         sidecars = [
-            stack.spawn(f"{name}/sidecar-{i}", sidecar_args, free_port(host), host, env)
+            stack.spawn(f"{name}/sidecar-{i}", sidecar_args + local[i], free_port(host), host, env)
             for i in range(max(dep.spec.replicas, 1))
         ]
         routes.append(

@@ -31,6 +31,8 @@ class EngineSettings(_Base):
 class SidecarSettings(_Base):
     deployment: str
     peers: list[str]
+    local_peer: str | None = None  # the engine in this sidecar's pod (new prefixes go there first)
+    pod_ip: str | None = None  # MODELFLEET_POD_IP (downward API): in a cluster, the local peer is pod_ip:engine_port
     tiers: list[str] = []  # NAME=URL of the spill-over tiers' engines (spec.spillover)
     rollout_file: Path | None = None  # the rollout plan the controller writes (dataplane/rollout/plan.py)
     policy: RoutingPolicyName = RoutingPolicyName.LEAST_OUTSTANDING

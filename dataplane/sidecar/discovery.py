@@ -74,7 +74,7 @@ def _slice_port(slice_: Mapping[str, Any], port_name: str, default_port: int | N
     return default_port
 
 
-def _url(address: str, port: int) -> str:
+def endpoint_url(address: str, port: int) -> str:
     host = f"[{address}]" if ":" in address else address  # IPv6
     return f"http://{host}:{port}"
 
@@ -103,7 +103,7 @@ def peers_from_slices(
             continue
         for endpoint in slice_.get("endpoints") or []:
             if endpoint_takes_traffic(endpoint):
-                urls.update(_url(address, port) for address in endpoint.get("addresses") or [])
+                urls.update(endpoint_url(address, port) for address in endpoint.get("addresses") or [])
     return sorted(urls)
 
 

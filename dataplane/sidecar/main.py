@@ -13,9 +13,10 @@ from modelfleet.dataplane.httpserver import serve
 from modelfleet.dataplane.manifest import ManifestError, load_manifests
 from modelfleet.dataplane.settings import SidecarSettings
 from modelfleet.dataplane.sidecar.api import build_app
+from modelfleet.dataplane.sidecar.discovery import endpoint_url
 from modelfleet.dataplane.sidecar.metrics import SidecarMetrics
 from modelfleet.dataplane.sidecar.rollout import RolloutTraffic
-from modelfleet.dataplane.sidecar.routing import make_policy
+from modelfleet.dataplane.sidecar.routing import PrefixAffinity, make_policy
 from modelfleet.dataplane.sidecar.service import Coordinator
 from modelfleet.dataplane.sidecar.tiers import Spillover, parse_tier_arg
 from modelfleet.dataplane.spec import InferenceDeploymentSpec, RoutingSpec, SpilloverSpec
@@ -44,10 +45,16 @@ def run(settings: SidecarSettings, routing: RoutingSpec | None = None, spillover
         routing = RoutingSpec(policy=settings.policy)
     elif routing.policy is not settings.policy:
         routing = routing.model_copy(update={"policy": settings.policy})
+    policy = make_policy(routing)
+    local = settings.local_peer
+    if local is None and settings.kubernetes and settings.pod_ip and settings.engine_port:
+        local = endpoint_url(settings.pod_ip, settings.engine_port)
+    if isinstance(policy, PrefixAffinity) and local:
+        policy.local_peer = local.rstrip("/")
     coord = Coordinator(
         settings.deployment,
         settings.peers,
-        make_policy(routing),
+        policy,
         SidecarMetrics(),
         retry_budget=settings.retry_budget,
         spillover=_spillover(settings, spillover),

@@ -16,8 +16,12 @@ and this module turns them into the same placement without a central store:
 3. A key whose owner is full goes to the first replica clockwise from the
    key that is under the cap (there always is one).
 
-An unseen key (reported by nobody) goes to the first replica clockwise from
-it that is under ``key_cap(K + 1, N)``, where K and the per-replica counts
+An unseen key (reported by nobody) goes to this sidecar's own replica (the
+engine in its pod; ``--local-peer``) while that replica is under its even
+share, counted as if every sidecar placed as many new keys on its own replica
+as this one did (so the burst of new prefixes a cold start brings, spread
+over the sidecars by the gateway, lands one replica per sidecar), else to
+the first replica clockwise from it that is under ``key_cap(K + 1, N)``, where K and the per-replica counts
 also include the keys this sidecar placed in the last ``PENDING_S`` seconds
 that no report shows yet (the reports lag by one /load read): with no reports
 and nothing pending, its ring owner. Every sidecar reads the same reports, so
@@ -61,16 +65,25 @@ class Placement:
     homes: dict[bytes, str] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)  # every healthy replica, 0 included
 
-    def place_new(self, key: bytes, pending: Mapping[str, int] | None = None) -> str | None:
-        """Where an unseen key goes: the first replica clockwise from it under the cap with that key counted.
+    def place_new(self, key: bytes, pending: Mapping[str, int] | None = None, local: str | None = None) -> str | None:
+        """Where an unseen key goes: this sidecar's own replica (``local``) while it is under its share,
+        else the first replica clockwise from the key under the cap with that key counted.
 
         ``pending``: keys this sidecar placed that no report shows yet, per replica; they count as placed.
+        The local replica's share assumes every other sidecar is placing as many new keys on its own
+        replica as this one is (the gateway spreads requests evenly over the sidecars), so a burst of
+        new prefixes that arrives before any report spreads one replica per sidecar.
         """
         if not self.counts:
             return None
         pending = pending or {}
         held = {u: n + pending.get(u, 0) for u, n in self.counts.items()}
-        cap = key_cap(len(self.homes) + sum(pending.get(u, 0) for u in held) + 1, len(held))
+        placed_here = sum(pending.get(u, 0) for u in held)
+        if local is not None and local in held:
+            expected = len(self.homes) + placed_here * len(held) + 1
+            if held[local] < key_cap(expected, len(held)):
+                return local
+        cap = key_cap(len(self.homes) + placed_here + 1, len(held))
         return next((u for u in self.ring.walk(key) if held.get(u, cap) < cap), None)
 
 

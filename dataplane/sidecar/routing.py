@@ -22,9 +22,11 @@ Policies, as the spec names them (``spec.routing.policy``):
   its even share of the reported keys, then the first replica clockwise
   under that share; this overrides what this sidecar remembered; (2) this
   sidecar's table, for a key it placed that no replica reports yet (the
-  reports are one poll old) or any more; (3) an unseen key: the first
-  replica clockwise from the key that is under the even share with the key
-  counted (with no reports, the ring owner), remembered in the table; the
+  reports are one poll old) or any more; (3) an unseen key: this
+  sidecar's own replica (``--local-peer``, the engine in its pod) while it is
+  under its even share, else the first replica clockwise from the key that is
+  under the even share with the key counted (with no reports, the ring
+  owner), remembered in the table; the
   new keys this sidecar placed in the last 2 s that no report shows yet
   count as placed too, so a burst of new prefixes spreads. Rules (1) and (3)
   read what every sidecar sees, so sidecars converge on reported keys and
@@ -201,6 +203,7 @@ class PrefixAffinity:
         self._pending_per_url: dict[str, int] = {}
         self._pending_checked: Placement | None = None
         self._clock = time.monotonic
+        self.local_peer: str | None = None  # the engine in this sidecar's pod: new prefixes go there first
 
     def placement(self, peers: Sequence[Peer]) -> Placement:
         """The shared placement over the healthy peers' reports, recomputed only when those change."""
@@ -239,7 +242,7 @@ class PrefixAffinity:
                 self.last_reason = "owner"
                 home_url = self._pending_home(key, placement)
                 if home_url is None:
-                    home_url = placement.place_new(key, self._pending_per_url) or ring[0].url
+                    home_url = placement.place_new(key, self._pending_per_url, self.local_peer) or ring[0].url
                     self._add_pending(key, home_url)
                 self.table.put(key, home_url)
         home = by_url.get(home_url)

@@ -250,7 +250,11 @@ def deployment(
             str(names.SIDECAR_PORT),
         ],
         "ports": [{"name": "http", "containerPort": names.SIDECAR_PORT, "protocol": "TCP"}],
-        "env": [_shutdown_env()],
+        # its own pod's engine takes new prompt prefixes first (PrefixAffinity; dataplane/sidecar/placement.py)
+        "env": [
+            _shutdown_env(),
+            {"name": "MODELFLEET_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        ],
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
         "readinessProbe": _probe("/readyz", "http", 5, 3),
         "livenessProbe": _probe("/healthz", "http", 10, 3),

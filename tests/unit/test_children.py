@@ -177,3 +177,10 @@ def test_remote_endpoint_change_is_applied_in_place_but_engine_change_rolls_pods
     assert template_hash(remote_spec(maxRetries=5)) == base
     moved = remote_spec().model_copy(update={"engine": remote_spec().engine.model_copy(update={"max_num_seqs": 3})})
     assert template_hash(moved) != base
+
+
+def test_sidecar_learns_its_pod_ip_for_prefix_locality():
+    dep = by_kind(plan_children(OWNER, spec(), SETTINGS, PodPlacement()))[("Deployment", "chat")]
+    sidecar = next(c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "sidecar")
+    env = {e["name"]: e for e in sidecar["env"]}
+    assert env["MODELFLEET_POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}

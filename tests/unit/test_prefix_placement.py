@@ -196,3 +196,37 @@ def test_pending_placements_expire() -> None:
     clock[0] = 10.0  # long past PENDING_S with no report: the engine may have dropped it; stop counting it
     policy.pick(view({}), info(second), set())
     assert list(policy._pending) == [second] and sum(policy._pending_per_url.values()) == 1
+
+
+def test_a_cold_burst_spread_over_the_sidecars_lands_two_per_replica_through_locality() -> None:
+    """The benchmark's first round as the gateway delivers it: 8 new tenants, 2 to each of 4 sidecars, before
+    any engine reports. Each sidecar puts its new prefixes on its own pod's engine, so the burst is even
+    without the sidecars talking to each other (the ring alone gives uneven_keys() 3 or more on one)."""
+    keys = uneven_keys()
+    sidecars = [PrefixAffinity() for _ in URLS]
+    for sidecar, own in zip(sidecars, URLS, strict=True):
+        sidecar.local_peer = own
+    homes = {k: sidecars[i // 2].pick(view({}), info(k), set()).url for i, k in enumerate(keys)}
+    assert sorted(Counter(homes.values()).values()) == [2, 2, 2, 2]
+    assert all(homes[k] == URLS[i // 2] for i, k in enumerate(keys))
+    reports: dict[str, dict[bytes, int]] = {u: {} for u in URLS}
+    for k, url in homes.items():
+        reports[url][k] = 1
+    for sidecar in sidecars:  # once reported, every sidecar routes every tenant to the same home
+        assert {k: sidecar.pick(view(reports), info(k), set()).url for k in keys} == homes
+
+
+def test_locality_yields_to_the_even_share_once_the_local_replica_holds_its_part() -> None:
+    """With reports in, a new key goes local only while the local replica is under the share."""
+    keys = tenants(9, "held")
+    reports: dict[str, dict[bytes, int]] = {u: {} for u in URLS}
+    for i, k in enumerate(keys):  # 3 of 9 on URLS[0] (its full share: key_cap(10, 4) = 3), 3 each on 1 and 2
+        reports[URLS[i // 3]][k] = 1
+    policy = PrefixAffinity()
+    policy.local_peer = URLS[0]
+    newcomer = tenants(1, "fresh")[0]
+    home = policy.pick(view(reports), info(newcomer), set())
+    assert home is not None and home.url != URLS[0]
+    unloaded = PrefixAffinity()
+    unloaded.local_peer = URLS[3]
+    assert unloaded.pick(view(reports), info(newcomer), set()).url == URLS[3]  # holds none: under its share
