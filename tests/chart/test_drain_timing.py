@@ -70,4 +70,3 @@ def test_operator_pods_grace_covers_prestop_and_drain(runtime: dict[str, Any], p
     assert pods
     for pod in pods:
         check_pod(pod, {"engine", "sidecar"})
-
