@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 from pathlib import Path
 
+from modelfleet.dataplane import tracing
 from modelfleet.dataplane.manifest import ManifestError
 from modelfleet.dataplane.sidecar.routing import RoutingPolicyName, policy_choices
 
@@ -207,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         _logging(
             args.command if args.command != "engine" else f"engine-{args.replica}", args.log_level, args.log_format
         )
+        if tracing.setup(args.command):  # MODELFLEET_OTEL_ENDPOINT: spans to an OTLP/HTTP collector
+            logging.getLogger(__name__).info("OpenTelemetry tracing on: %s", os.environ[tracing.ENDPOINT_ENV])
         if args.command == "engine":
             from modelfleet.dataplane.engine.main import run as run_engine
             from modelfleet.dataplane.settings import EngineSettings

@@ -26,6 +26,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from modelfleet.dataplane import tracing
 from modelfleet.dataplane.logs import REQUEST_ID, bounded_request_id
 from modelfleet.dataplane.protocol import ApiError, error_body, internal_error
 from modelfleet.dataplane.upstream import sse_error_event
@@ -177,6 +178,7 @@ async def serve(
     app.on_response_prepare.append(_note_stream)
     # the drain below does the waiting; aiohttp's own shutdown only closes idle connections
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+    tracing.instrument(app)  # a span per request when MODELFLEET_OTEL_ENDPOINT is set (dataplane/tracing.py)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()

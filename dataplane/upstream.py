@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from modelfleet.dataplane import tracing
 from modelfleet.dataplane.protocol import ApiError, error_body, unavailable
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ async def open_upstream(
             break
         tried.add(url)
         try:
+            tracing.inject(headers)  # the next hop's span joins this request's trace (off: a no-op)
             resp = await session.post(url + path, data=body, headers=headers)
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             on_retry(url, "connect")

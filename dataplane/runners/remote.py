@@ -36,6 +36,7 @@ from typing import Any
 
 import aiohttp
 
+from modelfleet.dataplane import tracing
 from modelfleet.dataplane.runners.base import (
     ContextFaultError,
     DeviceContext,
@@ -328,6 +329,7 @@ class RemoteRunner:
         headers = {"content-type": "application/json", "accept": accept, **self.remote.headers}
         if self._key is not None:
             headers["authorization"] = f"Bearer {self._key}"
+        tracing.inject(headers)  # a provider that traces joins the request's trace
         return headers
 
     async def _open(self, url: str, body: dict[str, Any], accept: str = "text/event-stream") -> aiohttp.ClientResponse:
