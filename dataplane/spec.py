@@ -368,6 +368,17 @@ class RoutingSpec(SpecModel):
             "favour cache hits.",
         ),
     ] = 1.25
+    overflow_factor: Annotated[
+        float,
+        Field(
+            ge=1.0,
+            le=100.0,
+            description="PrefixAffinity's home replica counts as full at this many times its engine's maxNumSeqs "
+            "requests (a full batch running, the rest queued); only then does a request go elsewhere. A detour "
+            "costs a cold prefill and evicts another prefix, waiting at home about one batch turn (measured in "
+            "bench/RESULTS.md, routing quality).",
+        ),
+    ] = 2.0
     prefix_table_entries: Annotated[
         int,
         Field(

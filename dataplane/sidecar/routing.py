@@ -35,8 +35,10 @@ Policies, as the spec names them (``spec.routing.policy``):
   "remembered", "owner" (a new key). A request stays on its prefix's home
   unless the home is full: when every eligible replica's load view carries
   its engine's ``max_num_seqs``,
-  full means ``load >= max_num_seqs`` (the request would queue there) and the
-  request moves only to a replica with ``load < max_num_seqs``; without
+  full means ``load >= f * max_num_seqs`` (f = ``overflowFactor``, default 2:
+  a full batch running and as many queued; a detour costs a cold prefill and
+  evicts another prefix, a wait at home about one batch turn) and the request
+  moves only to a replica with ``load < f * max_num_seqs``; without
   capacities, full means ``load + 1 > ceil(c * (total load + 1) / eligible
   peers)`` (bounded loads, c = ``loadBound``) and it moves only to a replica
   under that bound. Either way the detour is the first such replica clockwise
@@ -186,12 +188,18 @@ class PrefixAffinity:
     name = RoutingPolicyName.PREFIX_AFFINITY
 
     def __init__(
-        self, prefix_chars: int = 256, load_bound: float = 1.25, table_entries: int = 65_536, table_bytes: int = 1 << 25
+        self,
+        prefix_chars: int = 256,
+        load_bound: float = 1.25,
+        table_entries: int = 65_536,
+        table_bytes: int = 1 << 25,
+        overflow_factor: float = 2.0,
     ) -> None:
-        if load_bound < 1.0:
-            raise ValueError("load_bound must be >= 1")
+        if load_bound < 1.0 or overflow_factor < 1.0:
+            raise ValueError("load_bound and overflow_factor must be >= 1")
         self.prefix_chars: int | None = prefix_chars
         self.load_bound = load_bound
+        self.overflow_factor = overflow_factor
         self.table = PrefixTable(table_entries, table_bytes)
         self._rings = _RingCache()
         self._fallback = LeastOutstanding()
@@ -288,10 +296,12 @@ class PrefixAffinity:
             del self._pending_per_url[url]
 
     def _room_rule(self, eligible: Sequence[Peer]) -> Callable[[Peer], bool]:
-        """Whether a peer may take one more request: under its engine's max_num_seqs, else under the bound."""
+        """Whether a peer may take one more request: under overflow_factor x its engine's max_num_seqs,
+        else (capacities unknown) under the bounded-loads cap."""
         caps = {p.url: _capacity(p) for p in eligible}
         if all(c is not None for c in caps.values()):
-            return lambda p: p.load < (caps[p.url] or 0)
+            factor = self.overflow_factor
+            return lambda p: p.load < factor * (caps[p.url] or 0)
         cap = self.bound(eligible)
         return lambda p: p.load + 1 <= cap
 
@@ -328,7 +338,7 @@ POLICIES: dict[RoutingPolicyName, Callable[[RoutingSpec, int | None], RoutingPol
     RoutingPolicyName.LEAST_OUTSTANDING: lambda spec, seed: LeastOutstanding(),
     RoutingPolicyName.POWER_OF_TWO: lambda spec, seed: PowerOfTwo(seed),
     RoutingPolicyName.PREFIX_AFFINITY: lambda spec, seed: PrefixAffinity(
-        spec.prefix_chars, spec.load_bound, spec.prefix_table_entries, spec.prefix_table_bytes
+        spec.prefix_chars, spec.load_bound, spec.prefix_table_entries, spec.prefix_table_bytes, spec.overflow_factor
     ),
     RoutingPolicyName.SESSION_AFFINITY: lambda spec, seed: SessionAffinity(),
 }

@@ -144,7 +144,7 @@ def test_a_full_home_still_overflows_and_an_unhealthy_one_fails_over() -> None:
     peers = view(reports)
     home = policy.pick(peers, info(k), set())
     assert home.url == URLS[3]  # the reporter, wherever the ring would put the key
-    home.outstanding = 4  # full batch: detour, home unchanged
+    home.outstanding = 8  # a full batch running and one queued (overflowFactor 2): detour, home unchanged
     assert policy.pick(peers, info(k), set()) is not home and policy.last_reason == "overflow"
     home.outstanding = 0
     assert policy.pick(peers, info(k), set()) is home

@@ -220,7 +220,7 @@ def with_capacity(peers: list[Peer], cap: int) -> list[Peer]:
 
 def test_prefix_affinity_keeps_the_home_until_its_engine_is_full():
     peers = with_capacity([Peer("a"), Peer("b"), Peer("c")], 4)
-    policy = PrefixAffinity(load_bound=1.25)
+    policy = PrefixAffinity(load_bound=1.25, overflow_factor=1.0)  # full at one batch
     k = key("tenant")
     home = policy.pick(peers, k, set())
     home.outstanding = 3  # far over the bounded-load cap ceil(1.25 * 4 / 3) = 2, but the engine has a free slot
@@ -235,6 +235,17 @@ def test_prefix_affinity_keeps_the_home_until_its_engine_is_full():
     assert policy.pick(peers, k, set()) is home
     home.outstanding = 2
     assert policy.pick(peers, k, set()) is home
+
+
+def test_prefix_affinity_by_default_queues_a_batch_at_home_before_a_cold_detour():
+    peers = with_capacity([Peer("a"), Peer("b"), Peer("c")], 4)
+    policy = PrefixAffinity()  # overflowFactor 2: full at a running batch plus a queued one
+    k = key("tenant")
+    home = policy.pick(peers, k, set())
+    home.outstanding = 7  # a batch running, 3 waiting: still home
+    assert policy.pick(peers, k, set()) is home
+    home.outstanding = 8
+    assert policy.pick(peers, k, set()) is not home and policy.last_reason == "overflow"
 
 
 def test_prefix_affinity_without_capacities_keeps_the_bounded_load_rule():

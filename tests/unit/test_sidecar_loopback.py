@@ -195,7 +195,8 @@ async def test_only_the_prefix_home_is_told_the_key_not_a_detour(engines):
                 home = json.loads(await resp.read())["served_by"]
             for peer in coord.peers:
                 peer.max_num_seqs = 1  # the engines' capacity, as their /load would report it
-            coord.peers[next(i for i, e in enumerate(engines) if e.name == home)].outstanding = 1  # home is full
+            # home is full: a batch of 1 running and 1 queued (overflowFactor 2)
+            coord.peers[next(i for i, e in enumerate(engines) if e.name == home)].outstanding = 2
             async with client.post(sidecar + "/v1/chat/completions", json=body(SYSTEM_PROMPTS[0], "q2")) as resp:
                 detour = json.loads(await resp.read())["served_by"]
     finally:
