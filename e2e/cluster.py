@@ -559,6 +559,28 @@ class ControlPlane:
             shutil.rmtree(self.workdir, ignore_errors=True)
         self._started = False
 
+    def restart_apiserver(self, down_s: float = 0.0) -> float:
+        """Stop kube-apiserver (SIGTERM), leave it down ``down_s`` seconds, start it again on the same port
+        with the same certificates and tokens, so every client keeps its kubeconfig (the fault suite's
+        API server restart). Returns the seconds it was unreachable."""
+        (old,) = [p for p in self._procs if p.name == "kube-apiserver"]
+        self._signal(old, signal.SIGTERM)
+        try:
+            old.popen.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._signal(old, signal.SIGKILL)
+            old.popen.wait(timeout=10)
+        down = time.monotonic()
+        old.log_file.close()
+        self._procs.remove(old)
+        end = time.monotonic() + 10
+        while any(port_is_listening(port) for port in old.ports) and time.monotonic() < end:
+            time.sleep(0.1)
+        time.sleep(down_s)
+        proc = self._spawn("kube-apiserver", old.args, old.ports)
+        self._wait(proc, "/readyz after a restart", lambda: self._https_ok(f"{self.server}/readyz", self.token))
+        return time.monotonic() - down
+
     @property
     def pids(self) -> dict[str, int]:
         return {p.name: p.popen.pid for p in self._procs}
