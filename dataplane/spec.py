@@ -698,6 +698,9 @@ class GateThresholds(SpecModel):
     max_ttft_p95_ratio: Annotated[float, Field(ge=1, description="Candidate/baseline p95 time to first token.")] = 1.2
     max_itl_p95_ratio: Annotated[float, Field(ge=1, description="Candidate/baseline p95 inter-token gap.")] = 1.2
     max_kv_usage_p95_ratio: Annotated[float, Field(ge=1, description="Candidate/baseline p95 KV-cache usage.")] = 1.25
+    kv_usage_floor: Annotated[
+        float, Field(ge=0, le=1, description="Candidate p95 KV-cache usage below this is no pressure at any ratio.")
+    ] = 0.5
 
     def policy(self) -> dict[str, Any]:
         """The gate's policy document (snake_case, as ``modelfleet gate`` reads it)."""
@@ -709,6 +712,7 @@ class GateThresholds(SpecModel):
             "max_ttft_p95_ratio": self.max_ttft_p95_ratio,
             "max_itl_p95_ratio": self.max_itl_p95_ratio,
             "max_kv_usage_p95_ratio": self.max_kv_usage_p95_ratio,
+            "kv_usage_floor": self.kv_usage_floor,
         }
 
 

@@ -279,6 +279,8 @@ def evaluate(policy: GatePolicy, baseline: Sequence[Observation], candidate: Seq
         m = metrics[name]
         if m["baseline_p95"] is None:
             continue
+        if field == "kv_usage" and (m["candidate_p95"] or 0.0) < policy.kv_usage_floor:
+            continue  # KV usage below the floor is no pressure, however it compares with the baseline
         if m["ratio"] is None:  # baseline p95 of 0, candidate's above it
             fail(hold, name, None, limit, f"{field} p95 rose from 0 to {_fmt(m['candidate_p95'])}")
         elif m["ratio"] > limit:

@@ -120,6 +120,11 @@ class GatePolicy(BaseModel):
     max_kv_usage_p95_ratio: Ratio = Field(
         default=1.25, description="candidate/baseline p95 KV-cache usage; above holds"
     )
+    kv_usage_floor: Fraction = Field(
+        default=0.5,
+        description="candidate p95 KV-cache usage below this is no pressure, whatever the ratio (an idle "
+        "baseline reads 0)",
+    )
     require: list[EvidenceSignal] = Field(
         default_factory=list, description="signals every matched successful request must carry on both sides"
     )

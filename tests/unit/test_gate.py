@@ -397,3 +397,14 @@ def test_mismatches_past_the_threshold_roll_back(n: int, max_rate: float, extra:
     assert evaluate(policy, base, cand)["decision"] == "rollback"
     ok = [o.model_copy(update={"output_tokens": [-1]}) if i < allowed else o for i, o in enumerate(base)]
     assert evaluate(policy, base, ok)["decision"] == "promote"
+
+
+def test_kv_usage_below_the_floor_is_no_pressure() -> None:
+    """An idle baseline reads 0 KV usage at arrival; a candidate at 0.2 is no regression (floor 0.5)."""
+    report = judge({"baseline": side(20, kv_usage=0.0), "candidate": side(20, kv_usage=0.2)})
+    assert report["decision"] == "promote"
+    assert report["metrics"]["kv_usage_p95"]["candidate_p95"] == 0.2
+    lowered = judge(
+        {"policy": {"kv_usage_floor": 0.1}, "baseline": side(20, kv_usage=0.0), "candidate": side(20, kv_usage=0.2)}
+    )
+    assert lowered["decision"] == "hold"
