@@ -62,6 +62,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("torch with runtimeManaged", manifest(model__source={"runtimeManaged": True}), "spec.model.source"),
     ("remote without runtimeManaged", manifest(runtime={"kind": "remote"}), "spec.model.source"),
     (
+        "remote without runtime.remote",
+        manifest(runtime={"kind": "remote"}, model__source={"runtimeManaged": True}),
+        "spec.runtime.remote",
+    ),
+    (
         "gpus over max",
         manifest(placement={"gpusPerReplica": 4, "maxGpusPerReplica": 2}),
         "spec.placement.gpusPerReplica",
@@ -104,7 +109,13 @@ VALID: list[tuple[str, dict[str, Any]]] = [
             },
         ),
     ),
-    ("remote runtime", manifest(runtime={"kind": "remote"}, model__source={"runtimeManaged": True})),
+    (
+        "remote runtime",
+        manifest(
+            runtime={"kind": "remote", "remote": {"baseUrl": "https://api.example.com/v1"}},
+            model__source={"runtimeManaged": True},
+        ),
+    ),
     (
         "embedding with engine limits",
         manifest(
@@ -175,7 +186,7 @@ def test_long_name_is_rejected(crd, namespace):
 def test_short_name_printer_columns_and_scale(crd, namespace):
     assert apply(crd, namespace, manifest()).returncode == 0
     table = crd.kubectl("get", "infd", "-n", namespace).stdout.splitlines()
-    assert table[0].split() == ["NAME", "MODEL", "RUNTIME", "READY", "DESIRED", "GPUS", "PHASE", "AGE"]
+    assert table[0].split() == ["NAME", "MODEL", "RUNTIME", "READY", "DESIRED", "GPUS", "PHASE", "ROLLOUT", "AGE"]
     assert table[1].split()[:3] == ["m", "smollm2-135m-instruct", "torch"]
     crd.kubectl("scale", "infd/m", "-n", namespace, "--replicas=3")
     assert crd.get_json("infd", "m", "-n", namespace)["spec"]["replicas"] == 3

@@ -24,7 +24,7 @@ sglang_pin="$(grep -oE '"sglang==[0-9.]+"' "$root/pyproject.toml" | tr -d '"')"
 parser_deps=(
   msgspec==0.22.0 pybase64==1.5.1 pillow==13.0.0 pyzmq==27.3.0 ipython==9.18.1 traitlets==5.16.1
   cbor2==6.3.0 openai-harmony==0.0.8 cloudpickle==3.1.2 cachetools==8.0.1 uvloop==0.23.0 py-cpuinfo==9.0.0
-  partial-json-parser==0.2.1.1.post7 xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2 llguidance==1.9.1
+  partial-json-parser==0.2.1.1.post7 xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2 llguidance==1.9.1 orjson==3.13.0
 )
 site="$root/.venv/lib/python3.11/site-packages"
 [ -d "$site" ] || { echo "engine-parsers: $site missing; run make venv-test first" >&2; exit 1; }
