@@ -42,6 +42,7 @@ from modelfleet.dataplane.rollout.plan import Action, Progress, next_action, pla
 from modelfleet.dataplane.spec import InferenceDeployment, InferenceDeploymentSpec
 
 IGNORED_FIELDS = ("replicas", "routing", "rollout", "spillover")
+PLAN_REFRESH_S = 1.5  # sidecars read the plan file at most once a second (sidecar/rollout.py), plus a margin
 
 
 def engine_config(spec: InferenceDeploymentSpec) -> dict[str, Any]:
@@ -239,6 +240,7 @@ class LocalRollouts:
 
     def _end(self, name: str, rollout: Rollout, *, promoted: bool) -> None:
         self.plan_file(name).unlink(missing_ok=True)
+        time.sleep(PLAN_REFRESH_S)  # every sidecar has dropped the plan before its candidate engines stop
         del self.running[name]
         if promoted:
             old = self.engines.get(name, [])

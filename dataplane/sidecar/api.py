@@ -114,7 +114,14 @@ async def _rollout_proxy(
 
     try:
         if route.serve == CANDIDATE:
-            attempt = await coord.forward_to(traffic.candidate_url(), request.path, body, headers, "candidate")
+            try:
+                attempt = await coord.forward_to(traffic.candidate_url(), request.path, body, headers, "candidate")
+            except ApiError as exc:
+                # the candidate failed before a byte: its error is evidence, but the client is served by
+                # the baseline (a rolled-back candidate may stop while this sidecar still holds the plan)
+                served.status = exc.status
+                record(served)
+                return await _respond(request, coord, await coord.forward(request.path, body, headers), None)
         else:
             attempt = await coord.forward(request.path, body, headers)
     except ApiError as exc:

@@ -232,3 +232,20 @@ def test_plan_sides_name_runtime_and_accelerator() -> None:
         "baseline_accelerator": "cpu",
         "candidate_accelerator": "H100",
     }
+
+
+@pytest.mark.asyncio
+async def test_a_candidate_that_cannot_be_reached_is_an_error_observation_and_the_baseline_serves(
+    tmp_path: Path,
+) -> None:
+    base, cand = await Engine(["fine"]).start(), await Engine(["gone"]).start()
+    plan_file = tmp_path / "plan.json"
+    write_plan(plan_file, cand, RolloutStrategy.CANARY, weight=100, mirror=0)
+    async for url, traffic in sidecar(base, plan_file, cand):
+        await cand.stop()  # stopped while the plan still names it (a rollback in progress)
+        cand.runner = None
+        async with aiohttp.ClientSession() as session:
+            assert await ask(session, url, 0) == "fine"
+        snapshot = traffic.snapshot("r1")
+    (failed,) = snapshot["candidate"]
+    assert failed["ok"] is False and failed["request_id"] == "req-0"
