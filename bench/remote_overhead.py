@@ -61,6 +61,7 @@ from bench.router_overhead import (  # noqa: E402
     _version,
     free_port,
     measure,
+    proc_cpu_s,
     start_run,
     wait_streaming,
 )
@@ -91,11 +92,7 @@ class Descendant:
     pid: int
 
     def cpu_s(self) -> float:
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return proc_cpu_s(self.pid)
 
 
 def children(pid: int) -> list[int]:

@@ -108,12 +108,7 @@ class Proc:
     log: Path
 
     def cpu_s(self) -> float:
-        """utime + stime of the process, from /proc (0 once it is gone)."""
-        try:
-            fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return proc_cpu_s(self.popen.pid)
 
 
 @dataclass
@@ -562,6 +557,27 @@ def run_profiled(out: str, argv: list[str]) -> None:
         dump()
 
 
+def start_upstreams(run: Running, count: int, chunks: int) -> list[tuple[str, Proc]]:
+    """``count`` fake upstreams (bench/fake_upstream.py), each streaming ``chunks`` chunks, answering."""
+    started = []
+    for _ in range(count):
+        port = free_port()
+        cmd = [sys.executable, str(ROOT / "bench" / "fake_upstream.py"), "--port", str(port), "--chunks", str(chunks)]
+        started.append((f"http://127.0.0.1:{port}", run.spawn(f"upstream-{port}", cmd)))
+    for url, _ in started:
+        wait_streaming(url, run.procs)
+    return started
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process, from /proc (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_run(args: argparse.Namespace) -> tuple[Running, str]:
     """A run's process registry, with ``--ref`` exported and ``--profile`` prepared; and the load average now.
     Sets ``args.source`` (what code runs) for the report. Shared with bench/remote_overhead.py."""
@@ -604,23 +620,7 @@ def main() -> None:
     run, load_before = start_run(args)
     rows: dict[tuple[str, int], dict[str, float]] = {}
     try:
-        upstreams = []
-        for _ in range(args.upstreams):
-            port = free_port()
-            run.spawn(
-                f"upstream-{port}",
-                [
-                    sys.executable,
-                    str(ROOT / "bench" / "fake_upstream.py"),
-                    "--port",
-                    str(port),
-                    "--chunks",
-                    str(args.chunks),
-                ],
-            )
-            upstreams.append(f"http://127.0.0.1:{port}")
-        for u in upstreams:
-            wait_streaming(u, run.procs)
+        upstreams = [url for url, _ in start_upstreams(run, args.upstreams, args.chunks)]
         for name in args.contenders:
             urls, procs = start_contender(run, name, upstreams)
             for c in args.levels:

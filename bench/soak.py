@@ -68,7 +68,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.router_overhead import MF, Running, export_ref, start_contender, wait_streaming  # noqa: E402
+from bench.router_overhead import MF, Running, export_ref, start_contender, start_upstreams  # noqa: E402
 from bench.router_overhead import free_port as _free_port  # noqa: E402
 
 FAKE_MODEL = "fake"  # bench/fake_upstream.py's model id, and the one the gateway routes to it
@@ -383,26 +383,8 @@ def fake_stack(upstreams: int = 1, chunks: int = 16, ref: str | None = None) -> 
     if ref:
         run.pythonpath, _ = export_ref(ref, run.workdir)
     try:
-        urls = []
-        ups = []
-        for _ in range(upstreams):
-            port = _free_port()
-            ups.append(
-                run.spawn(
-                    f"upstream-{port}",
-                    [
-                        sys.executable,
-                        str(ROOT / "bench" / "fake_upstream.py"),
-                        "--port",
-                        str(port),
-                        "--chunks",
-                        str(chunks),
-                    ],
-                )
-            )
-            urls.append(f"http://127.0.0.1:{port}")
-        for u in urls:
-            wait_streaming(u, run.procs)
+        started = start_upstreams(run, upstreams, chunks)
+        urls, ups = [url for url, _ in started], [proc for _, proc in started]
         (gurl,), (gateway, sidecar) = start_contender(run, MF, urls)
         watched = [Watched("gateway", gateway.popen.pid), Watched("sidecar", sidecar.popen.pid)]
         watched += [Watched(f"fake upstream {i}", p.popen.pid, instrument=True) for i, p in enumerate(ups)]
