@@ -37,7 +37,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     traffic = request.app.get(ROLLOUT)
     route = traffic.route() if traffic is not None else None
     if traffic is None or route is None:
-        return await _respond(request, coord, await coord.forward(request.path, body, headers), None)
+        return await _respond(request, coord, await coord.forward(request.path, body, headers))
     return await _rollout_proxy(request, coord, traffic, route, body, headers)
 
 
@@ -45,10 +45,11 @@ async def _respond(
     request: web.Request,
     coord: Coordinator,
     attempt: Attempt,
-    capture: Callable[[Capture | None], None] | None,
     tracked: Capture | None = None,
+    on_done: Callable[[], None] | None = None,
 ) -> web.StreamResponse:
-    """Relay one upstream answer to the client; ``capture`` gets what it said (rollout observations)."""
+    """Relay one upstream answer to the client; ``tracked`` reads what it said (rollout observations) and
+    ``on_done`` runs once the answer is over, however it ended."""
     upstream = attempt.response
     if tracked is not None:
         tracked.status = upstream.status
@@ -81,8 +82,8 @@ async def _respond(
         return resp
     finally:
         coord.end(attempt.url)
-        if capture is not None:
-            capture(tracked)
+        if on_done is not None:
+            on_done()
 
 
 async def _rollout_proxy(
@@ -105,12 +106,10 @@ async def _rollout_proxy(
     compare = isinstance(parsed, dict) and comparable(parsed)
     coord.metrics.rollout_requests.labels(side=route.serve, role="served").inc()
     served = Capture(rid, compare)
-    where = {"url": ""}
 
-    def record(capture: Capture | None) -> None:
-        if capture is not None:
-            obs = capture.observation(traffic.side(route.serve), where["url"], plan.strategy.value.lower())
-            traffic.record(route.serve, plan.id, obs)
+    def record(url: str | None) -> None:
+        obs = served.observation(traffic.side(route.serve), url, plan.strategy.value.lower())
+        traffic.record(route.serve, plan.id, obs)
 
     try:
         if route.serve == CANDIDATE:
@@ -120,18 +119,17 @@ async def _rollout_proxy(
                 # the candidate failed before a byte: its error is evidence, but the client is served by
                 # the baseline (a rolled-back candidate may stop while this sidecar still holds the plan)
                 served.status = exc.status
-                record(served)
-                return await _respond(request, coord, await coord.forward(request.path, body, headers), None)
+                record(None)
+                return await _respond(request, coord, await coord.forward(request.path, body, headers))
         else:
             attempt = await coord.forward(request.path, body, headers)
     except ApiError as exc:
         served.status = exc.status
-        record(served)
+        record(None)
         raise
-    where["url"] = attempt.url
     if route.mirror is not None and isinstance(parsed, dict):
         _start_mirror(coord, traffic, route.mirror, plan.id, request.path, parsed, headers, compare)
-    return await _respond(request, coord, attempt, record, served)
+    return await _respond(request, coord, attempt, served, lambda: record(attempt.url))
 
 
 def _start_mirror(
@@ -170,7 +168,7 @@ async def _mirror(
     async with traffic.mirrors:
         coord.metrics.rollout_requests.labels(side=side, role="mirror").inc()
         capture = Capture(headers["x-request-id"], compare)
-        url = ""
+        url: str | None = None
         try:
             if side == CANDIDATE:
                 attempt = await coord.forward_to(traffic.candidate_url(), path, body, headers, "candidate")

@@ -144,7 +144,8 @@ class Capture:
             kv = float(headers.get(KV_USAGE_HEADER, ""))
             self.kv_usage = kv if 0.0 <= kv <= 1.0 else None
 
-    def observation(self, side: Mapping[str, str | None], replica: str, route: str) -> dict[str, Any]:
+    def observation(self, side: Mapping[str, str | None], replica: str | None, route: str) -> dict[str, Any]:
+        """The gate's Observation of this answer; ``replica`` None when no upstream answered at all."""
         done = time.perf_counter()
         if not self.streaming and self._buffer:
             try:
@@ -159,9 +160,10 @@ class Capture:
             "request_id": self.request_id,
             "ok": ok,
             "latency_ms": round((done - self.started) * 1000, 3),
-            "replica": replica,
             "route": route,
         }
+        if replica:  # the gate's field is a non-empty label
+            obs["replica"] = replica
         for key in ("model_version", "runtime", "accelerator"):
             if side.get(key):
                 obs[key] = side[key]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import aiohttp
 
@@ -224,37 +224,47 @@ class Coordinator:
     def peer_urls(self) -> set[str]:
         return set(self._index)
 
-    async def forward_to(self, url: str, path: str, body: bytes, headers: dict[str, str], what: str) -> Attempt:
-        """One try at a URL outside the peer set (a rollout's candidate); its answer reaches the caller as it is."""
+    async def forward_to(
+        self,
+        url: str,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        what: str,
+        on_retry: Callable[[str, str], None] | None = None,
+    ) -> Attempt:
+        """One try at a URL outside the peer set (a rollout's candidate, a spill-over tier); its answer, or its
+        refusal, reaches the caller as it is. ``on_retry`` hears why the try failed, as open_upstream says it."""
         assert self.session is not None
 
         def pick(exclude: set[str]) -> str | None:
             return url if url not in exclude else None
 
         return await open_upstream(
-            self.session, pick, path, body, headers, retry_budget=0, on_retry=lambda u, r: None, what=what
+            self.session,
+            pick,
+            path,
+            body,
+            headers,
+            retry_budget=0,
+            on_retry=on_retry or (lambda u, r: None),
+            what=what,
         )
 
     async def _forward_to_tier(self, tier: Peer, path: str, body: bytes, headers: dict[str, str]) -> Attempt:
         """One try at the spill-over tier; its refusal (budget spent, rate limited) reaches the client as it is."""
-        assert self.session is not None
         name = self.tier_of(tier.url)
         self.metrics.tier_requests.labels(tier=name).inc()
         tier.outstanding += 1
 
-        def pick(exclude: set[str]) -> str | None:
-            return tier.url if tier.url not in exclude else None
-
         def on_retry(url: str, reason: str) -> None:
-            tier.outstanding -= 1
             if reason == "connect":
                 tier.eject()
 
         try:
-            return await open_upstream(
-                self.session, pick, path, body, headers, retry_budget=0, on_retry=on_retry, what=f"tier {name!r}"
-            )
+            return await self.forward_to(tier.url, path, body, headers, f"tier {name!r}", on_retry)
         except BaseException:
+            tier.outstanding -= 1  # refused, unreachable, or the client left while waiting
             self.metrics.failures.labels(kind="tier").inc()
             raise
 

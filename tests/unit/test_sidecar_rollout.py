@@ -249,3 +249,4 @@ async def test_a_candidate_that_cannot_be_reached_is_an_error_observation_and_th
         snapshot = traffic.snapshot("r1")
     (failed,) = snapshot["candidate"]
     assert failed["ok"] is False and failed["request_id"] == "req-0"
+    assert Observation.model_validate(failed).replica is None  # the gate reads it: an error, not a dropped row
