@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import aclosing
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -33,9 +33,9 @@ from modelfleet.dataplane.engine.faults import FaultInjector
 from modelfleet.dataplane.engine.metrics import EngineMetrics
 from modelfleet.dataplane.engine.pooling import Embedder, PoolingService, require_mode
 from modelfleet.dataplane.engine.prefix_keys import PREFIX_KEY_HEADER, RecentPrefixKeys
-from modelfleet.dataplane.engine.service import EngineService
+from modelfleet.dataplane.engine.service import EngineService, upstream_api_error
 from modelfleet.dataplane.engine.worker import EngineWorker
-from modelfleet.dataplane.httpserver import SSE_HEADERS, error_middleware, json_response
+from modelfleet.dataplane.httpserver import SSE_HEADERS, Handler, error_middleware, json_response
 from modelfleet.dataplane.protocol import (
     PRIORITY_HEADER,
     ApiError,
@@ -132,58 +132,52 @@ async def completions(request: web.Request) -> web.StreamResponse:
 W = TypeVar("W", bound=WireModel)
 
 
-def _ready_pooling(state: EngineState, endpoint: str, model: type[W], raw: bytes) -> tuple[PoolingService, W]:
-    """Mode check, then the validated body, then readiness (503 while loading)."""
-    require_mode(state.spec, endpoint)
-    try:
-        req = model.model_validate(parse_json_body(raw))
-    except ValidationError as exc:
-        raise validation_error(exc.errors(include_url=False)) from None
-    state.ready_service()
-    if state.pooling is None:
-        raise unavailable(5, f"The model is not ready yet ({state.progress}).")
-    return state.pooling, req
-
-
-async def _forward_pooling(state: EngineState, endpoint: str, model: type[W], raw: bytes) -> web.Response | None:
-    """A forwarding runner (a hosted API) answers embeddings and rerank itself: checked here, computed there."""
-    forward = getattr(state.runner, "forward_json", None)
-    if forward is None:
-        return None
+def _pooling_request(state: EngineState, endpoint: str, model: type[W], raw: bytes) -> tuple[dict[str, Any], W]:
+    """Mode check, then the body and its validated form."""
     require_mode(state.spec, endpoint)
     body = parse_json_body(raw)
     try:
-        req = model.model_validate(body)
+        return body, model.model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc.errors(include_url=False)) from None
-    name = str(getattr(req, "model", ""))
-    if name not in state.spec.served_names():
-        raise model_not_found(name)
+
+
+async def _pool(
+    state: EngineState, endpoint: str, body: dict[str, Any], req: WireModel, request_id: str | None
+) -> dict[str, Any]:
+    """The answer of an embedding or rerank request: computed here, or by the hosted API a forwarding runner
+    calls (checked here, computed there)."""
+    forward = getattr(state.runner, "forward_json", None)
+    if forward is not None:
+        name = str(getattr(req, "model", ""))
+        if name not in state.spec.served_names():
+            raise model_not_found(name)
+        state.ready_service()
+        try:
+            answer: dict[str, Any] = await forward(endpoint, body)
+        except UpstreamError as exc:
+            raise upstream_api_error(exc) from None
+        return {**answer, "model": name}
     state.ready_service()
-    try:
-        answer = await forward(endpoint, body)
-    except UpstreamError as exc:
-        headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
-        raise ApiError(exc.status, str(exc), type=exc.type, code=exc.code, headers=headers) from None
-    return json_response({**answer, "model": name})
+    if state.pooling is None:
+        raise unavailable(5, f"The model is not ready yet ({state.progress}).")
+    if isinstance(req, EmbeddingRequest):
+        return await state.pooling.embeddings(req)
+    assert isinstance(req, RerankRequest)
+    return await state.pooling.rerank(req, request_id)
 
 
-async def embeddings(request: web.Request) -> web.Response:
-    raw = await request.read()
-    forwarded = await _forward_pooling(request.app[STATE], "/v1/embeddings", EmbeddingRequest, raw)
-    if forwarded is not None:
-        return forwarded
-    pooling, req = _ready_pooling(request.app[STATE], "/v1/embeddings", EmbeddingRequest, raw)
-    return json_response(await pooling.embeddings(req))
+def _pooling_route(endpoint: str, model: type[EmbeddingRequest] | type[RerankRequest]) -> Handler:
+    async def handle(request: web.Request) -> web.Response:
+        state = request.app[STATE]
+        body, req = _pooling_request(state, endpoint, model, await request.read())
+        return json_response(await _pool(state, endpoint, body, req, request.headers.get("x-request-id")))
+
+    return handle
 
 
-async def rerank(request: web.Request) -> web.Response:
-    raw = await request.read()
-    forwarded = await _forward_pooling(request.app[STATE], "/v1/rerank", RerankRequest, raw)
-    if forwarded is not None:
-        return forwarded
-    pooling, req = _ready_pooling(request.app[STATE], "/v1/rerank", RerankRequest, raw)
-    return json_response(await pooling.rerank(req, request.headers.get("x-request-id")))
+embeddings = _pooling_route("/v1/embeddings", EmbeddingRequest)
+rerank = _pooling_route("/v1/rerank", RerankRequest)
 
 
 async def models(request: web.Request) -> web.Response:

@@ -55,6 +55,13 @@ def _sse(obj: dict[str, Any]) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
+def upstream_api_error(exc: UpstreamError) -> ApiError:
+    """A forwarding runner's refusal as the client gets it: the upstream's (or the runner's own) status,
+    type, code and message, with its Retry-After."""
+    headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
+    return ApiError(exc.status, str(exc), type=exc.type, code=exc.code, headers=headers)
+
+
 class EngineService:
     """Turns OpenAI requests into runner sequences and chunks into responses."""
 
@@ -234,8 +241,7 @@ class EngineService:
                 headers={"Retry-After": str(exc.retry_after_s)},
             ) from None
         except UpstreamError as exc:  # a provider's refusal, or this runner's budget and rate limits
-            headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
-            raise ApiError(exc.status, str(exc), type=exc.type, code=exc.code, headers=headers) from None
+            raise upstream_api_error(exc) from None
         except RunnerError as exc:
             raise ApiError(500, f"Generation failed: {exc}", type="server_error", code="runner_error") from None
         finally:
