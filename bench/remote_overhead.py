@@ -59,6 +59,7 @@ from bench.router_overhead import (  # noqa: E402
     Running,
     _cpu_per_req,
     _version,
+    cpu_model,
     free_port,
     measure,
     proc_cpu_s,
@@ -162,10 +163,7 @@ def start_contender(
 def report(
     rows: dict[tuple[str, int], dict[str, float]], args: argparse.Namespace, loads: tuple[str, str], head: str
 ) -> None:
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln),
-        platform.machine(),
-    )
+    cpu = cpu_model()
     print(
         f"\nmachine: {os.cpu_count()} cpus ({cpu}), python {platform.python_version()}, aiohttp {_version('aiohttp')};"
         f" load average before {loads[0]}, after {loads[1]}"

@@ -451,10 +451,7 @@ def _cpu_per_req(r: dict[str, float], key: str) -> float:
 def report(
     rows: dict[tuple[str, int], dict[str, float]], levels: list[int], args: argparse.Namespace, loads: tuple[str, str]
 ) -> None:
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln),
-        platform.machine(),
-    )
+    cpu = cpu_model()
     print(
         f"\nmachine: {os.cpu_count()} cpus ({cpu}), python {platform.python_version()}; load average before {loads[0]}, after {loads[1]}"
     )
@@ -567,6 +564,14 @@ def start_upstreams(run: Running, count: int, chunks: int) -> list[tuple[str, Pr
     for url, _ in started:
         wait_streaming(url, run.procs)
     return started
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (the architecture when it has none), for report headers."""
+    return next(
+        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln),
+        platform.machine(),
+    )
 
 
 def proc_cpu_s(pid: int) -> float:

@@ -68,7 +68,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.router_overhead import MF, Running, export_ref, start_contender, start_upstreams  # noqa: E402
+from bench.router_overhead import MF, Running, cpu_model, export_ref, start_contender, start_upstreams  # noqa: E402
 from bench.router_overhead import free_port as _free_port  # noqa: E402
 
 FAKE_MODEL = "fake"  # bench/fake_upstream.py's model id, and the one the gateway routes to it
@@ -494,10 +494,7 @@ def main() -> None:
         " the working tree, e.g. HEAD while dataplane/ is being edited",
     )
     args = parser.parse_args()
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln),
-        platform.machine(),
-    )
+    cpu = cpu_model()
     source = "the working tree"
     if args.ref:
         commit = subprocess.run(["git", "rev-parse", "--short", args.ref], cwd=ROOT, capture_output=True, text=True)
