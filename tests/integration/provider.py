@@ -97,6 +97,9 @@ class FakeProvider:
             await resp.write(_event({**base, "object": "chat.completion.chunk", "choices": [choice]}))
         if outcome == "cut":
             assert request.transport is not None
+            # let the words reach the client first: a close in the same read would make aiohttp raise before
+            # handing out the buffered events, and the cut would land before the first byte, not mid-stream
+            await asyncio.sleep(1.0)
             request.transport.close()  # the connection drops mid-stream
             return resp
         end: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
