@@ -77,7 +77,7 @@ def run_hf(model: Any, prompts: list[list[int]], steps: int) -> tuple[float, lis
         for ids in prompts:
             cache = DynamicCache()
             logits = model(
-                input_ids=torch.tensor([ids], device=dev), past_key_values=cache, use_cache=True, logits_to_keep=1
+                input_ids=torch.tensor([ids], device=dev), cache=cache, use_cache=True, logits_to_keep=1
             )
             caches.append(cache)
             tokens.append([int(logits.logits[0, -1].argmax())])
@@ -87,7 +87,7 @@ def run_hf(model: Any, prompts: list[list[int]], steps: int) -> tuple[float, lis
             for cache, toks in zip(caches, tokens, strict=True):
                 out = model(
                     input_ids=torch.tensor([[toks[-1]]], device=dev),
-                    past_key_values=cache,
+                    cache=cache,
                     use_cache=True,
                     logits_to_keep=1,
                 )

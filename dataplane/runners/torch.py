@@ -639,7 +639,7 @@ class TorchRunner:
                     ids = torch.tensor([seq.context], dtype=torch.long, device=self.device)
                 else:
                     ids = torch.tensor([[seq.generated[-1]]], dtype=torch.long, device=self.device)
-                out = self.model(input_ids=ids, past_key_values=seq.cache, use_cache=True, logits_to_keep=1)
+                out = self.model(input_ids=ids, cache=seq.cache, use_cache=True, logits_to_keep=1)
                 token = sample_next(out.logits[0, -1].float(), seq.request.sampling, seq.generator)
         except Exception as exc:
             self._fail(seq, exc)

@@ -58,7 +58,7 @@ def reference(hf: tuple[Any, Any], prompts: list[list[int]]) -> list[list[int]]:
             step = torch.tensor([ids])
             tokens: list[int] = []
             for _ in range(STEPS):
-                logits = model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                logits = model(input_ids=step, cache=cache, use_cache=True, logits_to_keep=1).logits
                 tokens.append(int(logits[0, -1].argmax()))
                 step = torch.tensor([[tokens[-1]]])
             out.append(tokens)
