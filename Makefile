@@ -6,8 +6,13 @@ MANIFEST ?= examples/smollm2-local.yaml
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
+# Never put the working directory on sys.path: the repo's top-level operator/ folder would
+# shadow the standard library's `operator` in any `python -c` or `python -m` started here.
+export PYTHONSAFEPATH := 1
+MODELFLEET_CACHE ?= $(HOME)/.cache/modelfleet
+LATEST_VENV := $(MODELFLEET_CACHE)/venv-latest
 
-.PHONY: help run test venv venv-test lint typecheck unit integration e2e k8s bench clean crds engine-parsers fuzz soak
+.PHONY: help run test test-latest lock venv venv-test lint typecheck unit integration e2e k8s bench clean crds engine-parsers fuzz soak
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -23,6 +28,13 @@ run: venv ## set everything up and serve the default model on http://$(HOST):$(P
 
 test: venv-test engine-parsers k8s lint typecheck ## set everything up and run every test (lint, types, unit, integration, e2e)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-latest: engine-parsers k8s ## the suite in a venv resolved WITHOUT the lock (newest versions pyproject.toml allows): finds drift on purpose
+	MODELFLEET_VENV=$(LATEST_VENV) MODELFLEET_UNLOCKED=1 scripts/bootstrap.sh torch,test,operator
+	$(LATEST_VENV)/bin/python -m pytest --deselect tests/unit/test_lock.py::test_installed_packages_equal_the_lock $(PYTEST_ARGS)
+
+lock: ## refresh uv.lock and locks/*.txt from pyproject.toml and locks/*.in (UPGRADE=1: newest allowed versions)
+	@scripts/lock.sh
 
 lint: venv-test ## ruff
 	.venv/bin/ruff check .

@@ -74,6 +74,13 @@ def _die_with_parent() -> None:
     os.setpgid(0, 0)  # own process group: a terminal's Ctrl-C reaches only the launcher
 
 
+def child_command(args: list[str]) -> list[str]:
+    """The argv of one child role. ``-P``: the working directory is not put on sys.path, so a
+    folder or file there named like a module (the repository's own ``operator/`` shadows the
+    standard library's ``operator``) cannot replace what the child imports."""
+    return [sys.executable, "-P", "-m", "modelfleet.dataplane.cli", *args]
+
+
 def _popen(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
 
@@ -112,7 +119,7 @@ class Stack:
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="modelfleet-up-")))
 
     def spawn(self, name: str, args: list[str], port: int, host: str, env: dict[str, str]) -> Child:
-        cmd = [sys.executable, "-m", "modelfleet.dataplane.cli", *args, "--host", host, "--port", str(port)]
+        cmd = child_command([*args, "--host", host, "--port", str(port)])
         child = Child(name, f"http://{host}:{port}", _popen(cmd, env), cmd, env)
         self.children.append(child)
         return child

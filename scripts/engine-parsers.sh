@@ -17,27 +17,25 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cache="${MODELFLEET_CACHE:-$HOME/.cache/modelfleet}"
 uv="$cache/uvtool/bin/uv"
 env_dir="$cache/engine-parsers"
-# The engine pins come from pyproject.toml's vllm and sglang extras.
-vllm_pin="$(grep -oE '"vllm==[0-9.]+"' "$root/pyproject.toml" | tr -d '"')"
-sglang_pin="$(grep -oE '"sglang==[0-9.]+"' "$root/pyproject.toml" | tr -d '"')"
-# What their parsers import beyond the repo's .venv (found by importing until it worked).
-parser_deps=(
-  msgspec==0.22.0 pybase64==1.5.1 pillow==13.0.0 pyzmq==27.3.0 ipython==9.18.1 traitlets==5.16.1
-  cbor2==6.3.0 openai-harmony==0.0.8 cloudpickle==3.1.2 cachetools==8.0.1 uvloop==0.23.0 py-cpuinfo==9.0.0
-  partial-json-parser==0.2.1.1.post7 xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2 llguidance==1.9.1 orjson==3.13.0
-)
+lock="$root/locks/engine-parsers.txt"   # hashes; made from locks/engine-parsers.in by `make lock`
+# The engine pins of the lock must be pyproject.toml's vllm and sglang extras.
+for engine in vllm sglang; do
+  want_pin="$(grep -oE "\"$engine==[0-9.]+\"" "$root/pyproject.toml" | tr -d '"')"
+  grep -qx "$want_pin \\\\" "$lock" || {
+    echo "engine-parsers: $lock does not pin $want_pin (pyproject.toml's $engine extra): run make lock" >&2; exit 1; }
+done
 site="$root/.venv/lib/python3.11/site-packages"
 [ -d "$site" ] || { echo "engine-parsers: $site missing; run make venv-test first" >&2; exit 1; }
 [ -x "$uv" ] || { echo "engine-parsers: $uv missing; run scripts/bootstrap.sh first" >&2; exit 1; }
 
-want="$(printf '%s\n' "$vllm_pin" "$sglang_pin" "${parser_deps[@]}" "$site" | sha256sum | cut -c1-16)"
+want="$(cat "$lock" "$0" | sha256sum | cut -c1-16) $site"
 stamp="$env_dir/.modelfleet-stamp"
 if [ "$(cat "$stamp" 2>/dev/null || true)" = "$want" ]; then exit 0; fi
 
 start=$(date +%s)
-echo "engine-parsers: installing $vllm_pin and $sglang_pin (--no-deps) into $env_dir (about 1 GB the first time)"
+echo "engine-parsers: installing $lock (--no-deps) into $env_dir (about 1 GB the first time)"
 [ -x "$env_dir/bin/python" ] || "$uv" venv --quiet --python python3.11 "$env_dir"
-VIRTUAL_ENV="$env_dir" "$uv" pip install --quiet --no-deps "$vllm_pin" "$sglang_pin" "${parser_deps[@]}"
+VIRTUAL_ENV="$env_dir" "$uv" pip sync --quiet --require-hashes "$lock"
 # after the environment's own site-packages: its packages win, the repo's .venv fills the rest
 echo "$site" > "$env_dir/lib/python3.11/site-packages/zz_modelfleet_venv.pth"
 echo "$want" > "$stamp"
