@@ -49,6 +49,7 @@ class SessionRebuildCause(StrEnum):
     """Why the worker asks a runner to rebuild its device context or session."""
 
     DEVICE_CONTEXT_POISONED = "device_context_poisoned"
+    STEP_LOOP_FAILED = "step_loop_failed"  # a step failed outside any one sequence: the runner's state is suspect
     REMOTE_AUTH_FAILURE = "remote_auth_failure"
     REMOTE_CONFIG_CHANGE = "remote_config_change"
     MANUAL = "manual"

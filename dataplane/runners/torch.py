@@ -195,6 +195,7 @@ class TorchRunner:
         self._stopping = False
         self._source: WeightSource | None = None
         self._poisoned: str | None = None  # why the device context is unusable, until rebuild_session
+        self._poisoned_cause = SessionRebuildCause.DEVICE_CONTEXT_POISONED
         self.fault_hook: Callable[[], None] | None = None  # called once per step with work (fault injection)
 
     # ---- lifecycle -------------------------------------------------------
@@ -203,9 +204,12 @@ class TorchRunner:
         self._source = source
         await asyncio.to_thread(self._load_sync, ctx, source)
         if self._thread is None:
-            self._stopping = False
-            self._thread = threading.Thread(target=self._step_loop, name="torch-runner", daemon=True)
-            self._thread.start()
+            self._start_thread()
+
+    def _start_thread(self) -> None:
+        self._stopping = False
+        self._thread = threading.Thread(target=self._step_thread, name="torch-runner", daemon=True)
+        self._thread.start()
 
     def _set_progress(self, text: str) -> None:
         self.progress = text
@@ -292,6 +296,8 @@ class TorchRunner:
             await asyncio.to_thread(self._load_sync, DeviceContext(self.device), self._source)  # new cache, 0 reserved
         with self._cond:
             self._poisoned = None
+            if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+                self._start_thread()  # the last resort of _step_thread ended the old one
 
     async def close(self) -> None:
         with self._cond:
@@ -359,7 +365,7 @@ class TorchRunner:
         seqs = [self._new_sequence(req, sink) for req in batch.sequences]
         with self._cond:
             if self._poisoned is not None:
-                raise ContextFaultError(f"device context unusable until rebuilt: {self._poisoned}")
+                raise ContextFaultError(f"runner unusable until rebuilt: {self._poisoned}", self._poisoned_cause)
             self._pending.extend(seqs)
             self._cond.notify_all()
         remaining = {s.request.request_id for s in seqs}
@@ -417,7 +423,16 @@ class TorchRunner:
 
     # ---- the worker thread -----------------------------------------------
 
+    def _step_thread(self) -> None:
+        """The step loop, and a last resort should the loop itself break: nothing may end this thread silently."""
+        try:
+            self._step_loop()
+        except BaseException as exc:
+            log.critical("the torch step thread ended on %s; failing every sequence", type(exc).__name__, exc_info=True)
+            self._poison(exc, SessionRebuildCause.STEP_LOOP_FAILED)  # rebuild_session starts a new thread
+
     def _step_loop(self) -> None:
+        """Steps while there is work. A fault no single sequence owns fails them all and waits for a rebuild."""
         torch.set_grad_enabled(False)
         while True:
             with self._cond:
@@ -441,9 +456,13 @@ class TorchRunner:
                     for seq in list(self._active.values()):
                         self._step_one(seq)
             except Exception as exc:
-                if not is_context_fault(exc):
-                    raise
-                self._poison(exc)
+                if is_context_fault(exc):
+                    self._poison(exc, SessionRebuildCause.DEVICE_CONTEXT_POISONED)
+                else:
+                    # not one sequence's fault (the per-sequence handlers catch those): the scheduler or the KV
+                    # cache failed mid-update, so neither can be trusted; the worker rebuilds them from scratch
+                    log.exception("a step failed outside any one sequence; the runner needs a session rebuild")
+                    self._poison(exc, SessionRebuildCause.STEP_LOOP_FAILED)
 
     def _thread_plan(self) -> tuple[int, int]:
         """CPU threads for (small, wide) steps.
@@ -612,11 +631,13 @@ class TorchRunner:
         self._drop(seq)
         seq.sink(RunnerError(f"model step failed: {type(exc).__name__}"))
 
-    def _poison(self, exc: Exception) -> None:
-        """The device context is unusable: fail every sequence and step no more until rebuild_session."""
-        log.error("device context poisoned (%s: %s); waiting for a session rebuild", type(exc).__name__, exc)
+    def _poison(self, exc: BaseException, cause: SessionRebuildCause) -> None:
+        """The device context (or the runner's own state) is unusable: fail every sequence with
+        ``ContextFaultError`` and step no more until rebuild_session."""
+        log.error("%s (%s: %s); waiting for a session rebuild", cause.value, type(exc).__name__, exc)
         with self._cond:
             self._poisoned = f"{type(exc).__name__}: {exc}"
+            self._poisoned_cause = cause
             failing = list(self._active.values()) + self._pending
             self._active.clear()
             self._pending.clear()
@@ -624,7 +645,7 @@ class TorchRunner:
             self.scheduler = None
         for seq in failing:
             seq.cache = None
-            seq.sink(ContextFaultError(self._poisoned))
+            seq.sink(ContextFaultError(self._poisoned, cause))
 
     def _step_one(self, seq: _Sequence) -> None:
         """One unbatched step of a model without a paged forward: prefill, or decode one token."""
