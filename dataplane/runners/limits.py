@@ -4,7 +4,10 @@
 ``per_minute`` (a full minute's allowance may burst). A request takes what it
 needs at once and may drive the level below zero (a long prompt's tokens);
 later requests then wait until it is positive again. That keeps a single
-request larger than the whole allowance from waiting forever.
+request larger than the whole allowance from waiting forever. A caller that
+must wait takes before it sleeps (a reservation): the level then already
+counts it, and the next caller's ``wait_s`` queues it behind, so waiters that
+arrive together are admitted one refill apart.
 
 ``SpendLedger`` adds up estimated USD per clock hour and per UTC day. A
 budget is spent once the window's total reaches it; the request that crosses

@@ -8,8 +8,10 @@ call, in order:
    ``budget_exhausted`` and the seconds until the window turns.
 2. Rate limits: token buckets for requests and tokens per minute. A request
    waits for them up to ``rateLimits.maxWaitSeconds``, else 429
-   ``rate_limited``. The token bucket is charged the prompt estimate and
-   max_tokens up front; the difference from the upstream's usage is given back.
+   ``rate_limited``; what it waits for is reserved first, so concurrent
+   waiters queue one behind another at the declared rate. The token bucket
+   is charged the prompt estimate and max_tokens up front; the difference
+   from the upstream's usage is given back.
 3. The call, retried with jittered exponential backoff (0.5 s doubling, capped
    at 8 s, at least the upstream's Retry-After) on connection failures,
    timeouts before the first event, 429 and 5xx, at most ``maxRetries``
@@ -315,15 +317,24 @@ class RemoteRunner:
                 code="rate_limited",
                 retry_after=str(retry),
             )
-        if wait > 0:
-            self.stats["rate_limit_wait_s"] += wait
-            await asyncio.sleep(wait)
+        # Reserve before waiting: the buckets are charged now, so a request arriving during the wait sees them
+        # drawn down and waits its own turn after this one. (Checking, sleeping, then taking let every request
+        # that checked during the same wait pass together, far beyond the declared rate.)
         if self._requests is not None:
             self._requests.take(1)
         if self._tokens is not None:
             self._tokens.take(tokens)
-            return tokens
-        return 0
+        if wait > 0:
+            self.stats["rate_limit_wait_s"] += wait
+            try:
+                await asyncio.sleep(wait)
+            except asyncio.CancelledError:  # the client left while waiting: its reservation goes to the others
+                if self._requests is not None:
+                    self._requests.give_back(1)
+                if self._tokens is not None:
+                    self._tokens.give_back(tokens)
+                raise
+        return tokens if self._tokens is not None else 0
 
     def _headers(self, accept: str) -> dict[str, str]:
         headers = {"content-type": "application/json", "accept": accept, **self.remote.headers}

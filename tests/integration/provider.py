@@ -5,7 +5,8 @@ HTTP server on loopback plays one, with the failures a provider shows: a
 rejected key (401), 429 with Retry-After, 500, a slow first byte, and a stream
 cut mid-way. It checks ``Authorization: Bearer <key>`` against the keys it
 accepts, records every request it gets (headers and body), and streams a
-fixed answer with usage in its last event. Failures are scripted per request:
+fixed answer with usage in its last event; each request is recorded with its
+arrival time (``at``, ``time.monotonic()``). Failures are scripted per request:
 ``provider.script(["429", "500", "ok"])`` makes the next three requests
 answer that way; unscripted requests are "ok".
 
@@ -66,7 +67,9 @@ class FakeProvider:
         body = await request.json()
         auth = request.headers.get("Authorization", "")
         with self._lock:
-            self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
+            self.requests.append(
+                {"path": request.path, "headers": dict(request.headers), "body": body, "at": time.monotonic()}
+            )
             keys = set(self.keys)
         if auth.removeprefix("Bearer ") not in keys:
             return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
