@@ -201,8 +201,9 @@ class RuntimeSpec(SpecModel):
         Field(
             ge=1,
             le=1024,
-            description="Threads of the torch runtime's CPU math. Default: the cores minus one, at least one, "
-            "so the HTTP side of the replica keeps a core (measured faster on 2 cores, bench/RESULTS.md).",
+            description="Threads of the CPU math. torch: default the cores minus one, at least one, so the HTTP "
+            "side of the replica keeps a core (measured faster on 2 cores, bench/RESULTS.md). vLLM on CPU: OpenMP "
+            "threads bound to the first cores this process may use (VLLM_CPU_OMP_THREADS_BIND); default vLLM's own.",
         ),
     ] = None
     extra_args: Annotated[
@@ -217,6 +218,44 @@ class RuntimeSpec(SpecModel):
             "activations and KV cache (vLLM --gpu-memory-utilization, SGLang --mem-fraction-static).",
         ),
     ] = 0.9
+    cpu_kv_cache_space: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=65536,
+            description="vLLM on CPU: GiB of memory for the KV cache (VLLM_CPU_KVCACHE_SPACE). Default: what "
+            "maxNumSeqs sequences of maxModelLen tokens need, rounded up to whole GiB.",
+        ),
+    ] = None
+    enable_auto_tool_choice: Annotated[
+        bool,
+        Field(
+            description="vLLM: let the model choose to call tools (--enable-auto-tool-choice; needs toolCallParser)."
+        ),
+    ] = False
+    tool_call_parser: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            max_length=64,
+            pattern=r"^[A-Za-z0-9_.-]+$",
+            description="vLLM: the parser that turns the model's text into tool calls, for example `hermes` "
+            "(--tool-call-parser).",
+        ),
+    ] = None
+    chat_template: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            max_length=65536,
+            description="vLLM: a chat template file path, or the Jinja template itself, used instead of the "
+            "model's own (--chat-template).",
+        ),
+    ] = None
+    enforce_eager: Annotated[
+        bool,
+        Field(description="vLLM: run the model eagerly, without compiled graphs (--enforce-eager): starts faster."),
+    ] = False
     remote: Annotated[
         RemoteSpec | None, Field(description="The hosted API, with runtime kind remote (required then).")
     ] = None

@@ -185,6 +185,21 @@ class EngineServerRunner:
         """The child's argv: ``endpoint`` is a Unix socket path (str) or a loopback port (int)."""
         raise NotImplementedError
 
+    def launch_argv(self, program: str, endpoint: str | int) -> list[str]:
+        """The argv actually started: ``command`` with its program name replaced by the one found."""
+        return [program, *self.command(self.spec, endpoint)[1:]]
+
+    def child_env(self) -> dict[str, str]:
+        """The child's environment: this process's, plus what the engine needs."""
+        env = dict(os.environ)
+        if self.spec.model.source.hugging_face is not None:
+            env["HF_HUB_OFFLINE"] = "1"  # huggingFace sources come from the local cache only
+        return env
+
+    async def prepare_weights(self) -> None:
+        """Anything the child needs on disk before it starts (a subclass converts weights here)."""
+        return None
+
     # ---- lifecycle --------------------------------------------------------------------------------------------
     def find_program(self) -> str:
         """The engine's program in this interpreter's environment, else on PATH; RunnerError naming the extra."""
@@ -202,6 +217,7 @@ class EngineServerRunner:
     async def load_weights(self, ctx: DeviceContext | None, source: WeightSource) -> None:
         """Start the server and wait until it answers /health."""
         program = self.find_program()
+        await self.prepare_weights()
         if self._tmpdir is None:
             self._tmpdir = tempfile.TemporaryDirectory(prefix="mf-")  # short: Unix socket paths max 107 bytes
         endpoint: str | int = (
@@ -210,10 +226,8 @@ class EngineServerRunner:
         with contextlib.suppress(FileNotFoundError):
             if isinstance(endpoint, str):
                 os.unlink(endpoint)
-        argv = [program, *self.command(self.spec, endpoint)[1:]]
-        env = dict(os.environ)
-        if self.spec.model.source.hugging_face is not None:
-            env["HF_HUB_OFFLINE"] = "1"  # huggingFace sources come from the local cache only
+        argv = self.launch_argv(program, endpoint)
+        env = self.child_env()
         self._endpoint = endpoint
         self.exit_code = None
         self._output.clear()
@@ -223,6 +237,7 @@ class EngineServerRunner:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env=env,
+            cwd=self._tmpdir.name,  # not the caller's folder: a checkout's files must not shadow the engine's imports
             start_new_session=True,  # its own process group: stopping it stops its workers too
         )
         self.stats["server_starts"] += 1
@@ -240,6 +255,18 @@ class EngineServerRunner:
         self.progress = f"serving {self.spec.model.name} with {self.program} (pid {self.proc.pid}) on {where}"
         if self._disk is None:
             self._disk = await asyncio.to_thread(self.disk_usage)
+
+    def last_output(self) -> str:
+        """What the child said last, shortened for a progress line (its log prefix dropped)."""
+        for line in reversed(self._output):
+            text = line.strip()
+            if not text:
+                continue
+            # vLLM: "(APIServer pid=12) INFO 12-06 03:57:23 [file.py:317] message"
+            if "] " in text and text.startswith("("):
+                text = text.split("] ", 1)[1]
+            return text[:100]
+        return "loading"
 
     def where(self) -> str:
         return f"unix:{self._endpoint}" if isinstance(self._endpoint, str) else f"{LOOPBACK}:{self._endpoint}"
@@ -284,7 +311,10 @@ class EngineServerRunner:
             if waited > self.startup_timeout_s:
                 await self._stop()
                 raise RunnerError(f"{self.program} did not answer {HEALTH_PATH} within {self.startup_timeout_s:g} s")
-            self.progress = f"starting {self.program} (pid {self.proc.pid}) on {self.where()}: loading, {waited:.0f} s"
+            self.progress = (
+                f"starting {self.program} (pid {self.proc.pid}) on {self.where()}, "
+                f"{10 * int(waited // 10)} s: {self.last_output()}"
+            )
             with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
                 async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
                     if resp.status == 200:

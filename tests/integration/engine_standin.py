@@ -1,8 +1,10 @@
-"""Stands in for ``vllm serve`` / ``sglang serve`` in the engine-server runner tests (no GPU here).
+"""Stands in for vLLM's server / ``sglang serve`` in the engine-server runner tests.
 
-vLLM and SGLang need a GPU and cannot be installed on these machines, so the
-child the runners start is ModelFleet's own engine, a real OpenAI-compatible
-server: it takes the flags the runner passes (the model, ``--served-model-name``,
+SGLang needs a GPU and cannot be installed on these machines, and a real vLLM
+(its CPU build) takes minutes to start, so for the supervision and proxying
+tests the child the runners start is ModelFleet's own engine, a real
+OpenAI-compatible server: it takes the flags the runner passes (the model,
+``--served-model-name``,
 ``--uds`` or ``--host``/``--port``; the rest are accepted and ignored), serves
 the model with a remote runner that forwards to ``FakeProvider`` (its URL in
 ``STANDIN_PROVIDER_URL``), and listens on the Unix socket or port the runner
@@ -28,10 +30,11 @@ from modelfleet.dataplane.spec import InferenceDeploymentSpec
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    p.add_argument("subcommand")  # serve
-    p.add_argument("model_tag", nargs="?")
+    p.add_argument("-m", dest="module")  # vLLM: python -m vllm.entrypoints.openai.api_server
+    p.add_argument("subcommand", nargs="?")  # SGLang: serve
+    p.add_argument("--model")
     p.add_argument("--model-path")
-    p.add_argument("--served-model-name", required=True)
+    p.add_argument("--served-model-name", nargs="+", required=True)
     p.add_argument("--uds")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int)
@@ -42,7 +45,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 async def main(args: argparse.Namespace) -> None:
     spec = InferenceDeploymentSpec.model_validate(
         {
-            "model": {"name": args.served_model_name, "source": {"runtimeManaged": True}},
+            "model": {"name": args.served_model_name[0], "source": {"runtimeManaged": True}},
             "runtime": {
                 "kind": "remote",
                 "remote": {"baseUrl": os.environ["STANDIN_PROVIDER_URL"], "apiKey": {"env": "STANDIN_KEY"}},
@@ -57,7 +60,7 @@ async def main(args: argparse.Namespace) -> None:
         web.UnixSite(site_runner, args.uds) if args.uds else web.TCPSite(site_runner, args.host, args.port)
     )
     await site.start()
-    print(f"stand-in serving {args.served_model_name} on {args.uds or args.port}", flush=True)
+    print(f"stand-in serving {args.served_model_name[0]} on {args.uds or args.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

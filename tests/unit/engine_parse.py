@@ -1,6 +1,7 @@
 """Run inside the engine-parsers environment (scripts/engine-parsers.sh): parse argvs with the engine's own parser.
 
-stdin: {"engine": "vllm" | "sglang", "argvs": [[...], ...]} (each argv as the runner's ``command`` returns it);
+stdin: {"engine": "vllm" | "sglang", "argvs": [[...], ...]} (each argv as the runner's ``command`` returns it:
+``python -m vllm.entrypoints.openai.api_server ...`` or ``sglang serve ...``);
 stdout: one JSON object per argv: the parsed namespace, or {"error": message} when the parser refuses it.
 """
 
@@ -34,7 +35,7 @@ def main() -> None:
     p.exit_on_error = False
     out: list[dict[str, Any]] = []
     for argv in request["argvs"]:
-        args = argv[2:]  # "vllm serve" / "sglang serve"
+        args = argv[3:] if argv[1:2] == ["-m"] else argv[2:]  # "python -m MODULE" / "sglang serve"
         if engine == "sglang" and args[:2] == ["--model-type", "llm"]:
             args = args[2:]  # `sglang serve` takes --model-type itself and hands the rest to ServerArgs
         err = io.StringIO()

@@ -37,8 +37,15 @@ def make(**kw: Any) -> InferenceDeploymentSpec:
 
 
 FULL = make(
-    model={"dtype": "bfloat16"},
-    runtime={"gpuMemoryUtilization": 0.85, "extraArgs": ["--enforce-eager"]},
+    model={"dtype": "bfloat16", "aliases": ["llama"]},
+    runtime={
+        "gpuMemoryUtilization": 0.85,
+        "enableAutoToolChoice": True,
+        "toolCallParser": "hermes",
+        "chatTemplate": "/templates/tools.jinja",
+        "enforceEager": True,
+        "extraArgs": ["--seed", "7"],
+    },
     engine={"maxModelLen": 8192, "maxNumSeqs": 64, "prefixCaching": False, "speculative": {"numDraftTokens": 5}},
     placement={"gpusPerReplica": 2},
 )
@@ -53,9 +60,11 @@ def flag(argv: list[str], name: str) -> str:
 
 def test_vllm_command_maps_every_field():
     argv = vllm.command(FULL, "/run/mf/vllm.sock")
-    assert argv[:3] == ["vllm", "serve", "meta-llama/Llama-3.1-8B"]
+    assert argv[:3] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert flag(argv, "--model") == "meta-llama/Llama-3.1-8B"
     assert flag(argv, "--uds") == "/run/mf/vllm.sock" and "--port" not in argv
-    assert flag(argv, "--served-model-name") == "llama-8b"
+    served = argv.index("--served-model-name")
+    assert argv[served + 1 : served + 3] == ["llama-8b", "llama"]  # the name first (vLLM answers with it)
     assert flag(argv, "--revision") == "v2"
     assert flag(argv, "--max-model-len") == "8192"
     assert flag(argv, "--dtype") == "bfloat16"
@@ -69,7 +78,11 @@ def test_vllm_command_maps_every_field():
         "prompt_lookup_max": 3,
         "prompt_lookup_min": 1,
     }
-    assert argv[-1] == "--enforce-eager"  # extraArgs last, so they override
+    assert flag(argv, "--tool-call-parser") == "hermes"
+    assert flag(argv, "--chat-template") == "/templates/tools.jinja"
+    assert "--enable-auto-tool-choice" in argv and "--enforce-eager" in argv
+    assert argv[-2:] == ["--seed", "7"]  # extraArgs last, so they override
+    assert vllm.command(FULL, "/s", "/cache/converted")[4] == "/cache/converted"  # a converted GGUF folder
 
 
 def test_vllm_defaults_draft_model_and_sources():
@@ -83,9 +96,31 @@ def test_vllm_defaults_draft_model_and_sources():
         "model": "meta-llama/Llama-3.2-1B",
         "num_speculative_tokens": 3,
     }
+    for absent in ("--tool-call-parser", "--chat-template", "--enable-auto-tool-choice", "--enforce-eager"):
+        assert absent not in argv
     managed = vllm.command(MANAGED, "/s")
-    assert managed[2] == "Qwen/Qwen3-0.6B" and "--revision" not in managed and "--speculative-config" not in managed
-    assert vllm.command(LOCAL, "/s")[2] == "/models/llama"
+    assert flag(managed, "--model") == "Qwen/Qwen3-0.6B"
+    assert "--revision" not in managed and "--speculative-config" not in managed
+    assert flag(vllm.command(LOCAL, "/s"), "--model") == "/models/llama"
+
+
+def test_vllm_cpu_settings_come_from_the_spec():
+    cpu = make(model={"source": {"path": "/m"}}, runtime={"device": "cpu", "cpuThreads": 1, "cpuKvCacheSpace": 3})
+    env = vllm.cpu_env(cpu)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == str(min(os.sched_getaffinity(0)))
+    assert vllm.on_cpu(cpu) and not vllm.on_cpu(make(runtime={"device": "cuda"}))
+    # without cpuKvCacheSpace: what maxNumSeqs sequences of maxModelLen tokens need (placement's formula)
+    sized = make(
+        model={
+            "source": {"path": "/m"},
+            "size": {"parameters": 10**9, "numLayers": 32, "numKvHeads": 8, "headDim": 128},
+        },
+        runtime={"device": "cpu"},
+        engine={"maxModelLen": 8192, "maxNumSeqs": 4},
+    )
+    # 2 (K and V) x 32 layers x 8 heads x 128 x 4 bytes (float32 on CPU) x 8192 tokens x 4 sequences = 4 GiB
+    assert vllm.cpu_env(sized) == {"VLLM_CPU_KVCACHE_SPACE": "4"}
 
 
 def test_sglang_command_maps_every_field():
@@ -103,7 +138,7 @@ def test_sglang_command_maps_every_field():
     assert "--disable-radix-cache" in argv
     assert flag(argv, "--speculative-algorithm") == "NGRAM"
     assert flag(argv, "--speculative-num-draft-tokens") == "5"
-    assert argv[-1] == "--enforce-eager"
+    assert argv[-2:] == ["--seed", "7"]
     draft = sglang.command(DRAFT, 41001)
     assert flag(draft, "--speculative-algorithm") == "STANDALONE"
     assert flag(draft, "--speculative-draft-model-path") == "meta-llama/Llama-3.2-1B"
@@ -168,9 +203,9 @@ def test_vllm_parser_accepts_the_commands():
     got = parse_with("vllm", [vllm.command(FULL, "/run/mf/vllm.sock"), *(vllm.command(s, 41000) for s in specs[1:])])
     full, draft, managed, local = got
     assert "error" not in full, full
-    assert full["model_tag"] == "meta-llama/Llama-3.1-8B"
+    assert full["model"] == "meta-llama/Llama-3.1-8B"
     assert full["uds"] == "/run/mf/vllm.sock"
-    assert full["served_model_name"] == ["llama-8b"]
+    assert full["served_model_name"] == ["llama-8b", "llama"]
     assert full["revision"] == "v2"
     assert full["max_model_len"] == 8192
     assert full["dtype"] == "bfloat16"
@@ -179,8 +214,12 @@ def test_vllm_parser_accepts_the_commands():
     assert full["max_num_seqs"] == 64
     assert full["enable_prefix_caching"] is False
     assert full["enforce_eager"] is True
+    assert full["enable_auto_tool_choice"] is True
+    assert full["tool_call_parser"] == "hermes"
+    assert full["chat_template"] == "/templates/tools.jinja"
+    assert full["seed"] == 7
     assert draft["port"] == 41000 and draft["host"] == "127.0.0.1" and draft["enable_prefix_caching"] is True
-    assert managed["model_tag"] == "Qwen/Qwen3-0.6B" and local["model_tag"] == "/models/llama"
+    assert managed["model"] == "Qwen/Qwen3-0.6B" and local["model"] == "/models/llama"
 
 
 def test_vllm_parser_refuses_a_wrong_flag():
@@ -189,7 +228,7 @@ def test_vllm_parser_refuses_a_wrong_flag():
 
 
 def test_sglang_parser_accepts_the_commands():
-    argvs = [[*sglang.command(FULL, 41001)[:-1], "--disable-cuda-graph"], sglang.command(DRAFT, 41002)]
+    argvs = [[*sglang.command(FULL, 41001)[:-2], "--disable-cuda-graph"], sglang.command(DRAFT, 41002)]
     argvs.append(sglang.command(MANAGED, 41003))
     full, draft, managed = parse_with("sglang", argvs)
     assert "error" not in full, full
