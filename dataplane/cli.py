@@ -11,6 +11,7 @@ from pathlib import Path
 
 from modelfleet.dataplane import tracing
 from modelfleet.dataplane.manifest import ManifestError
+from modelfleet.dataplane.runners.registry import MissingExtraError
 from modelfleet.dataplane.sidecar.routing import RoutingPolicyName, policy_choices
 
 DEFAULT_MANIFEST = Path("examples/smollm2-local.yaml")
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             except (KeyFileError, CorsConfigError) as exc:  # a bad keys file or CORS setting: no gateway
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
-    except ManifestError as exc:
+    except (ManifestError, MissingExtraError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -40,6 +40,7 @@ from typing import Any, TextIO
 from modelfleet.dataplane.gateway.routes import DeploymentRoute, RoutesFile
 from modelfleet.dataplane.manifest import load_manifests
 from modelfleet.dataplane.rollout.local import LocalRollouts
+from modelfleet.dataplane.runners.registry import MissingExtraError, require_runtime
 from modelfleet.dataplane.spec import InferenceDeployment, Mode
 
 PR_SET_PDEATHSIG = 1
@@ -433,6 +434,11 @@ def up(
     admin_token: Path | None = None,
 ) -> int:
     deployments = load_manifests(manifest)
+    for dep in deployments:  # a missing extra is one clear line, before any process starts
+        try:
+            require_runtime(dep.spec)
+        except MissingExtraError as exc:
+            raise LaunchError(f"deployment {dep.metadata.name}: {exc}") from None
     check_port_free(host, port)
     gateway_args, auth_line = gateway_auth(api_keys, admin_token)
 

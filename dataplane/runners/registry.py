@@ -3,19 +3,38 @@ loads the runtime it runs (the gateway never imports torch)."""
 
 from __future__ import annotations
 
+import importlib.util
+
 from modelfleet.dataplane.runners.base import ModelRunner, RunnerError
 from modelfleet.dataplane.spec import InferenceDeploymentSpec, Mode, RuntimeKind
+
+# What the torch runner imports, by module name: pyproject.toml's `torch` extra.
+TORCH_EXTRA_MODULES = ("torch", "transformers", "gguf", "accelerate", "safetensors")
+
+
+class MissingExtraError(RunnerError):
+    """A runtime's optional dependencies are not installed; the message names the pip extra."""
+
+
+def require_runtime(spec: InferenceDeploymentSpec) -> None:
+    """Fail before anything starts when the runtime's extra is missing (the vLLM and SGLang
+    runners check their own server install when they load)."""
+    if spec.runtime.kind is not RuntimeKind.TORCH:
+        return
+    missing = [m for m in TORCH_EXTRA_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtraError(
+            f"runtime torch needs the torch extra, which is not installed (missing: {', '.join(missing)}); "
+            "install it with: pip install 'modelfleet[torch]'"
+        )
 
 
 def create_runner(spec: InferenceDeploymentSpec) -> ModelRunner:
     kind = spec.runtime.kind
+    require_runtime(spec)
     if kind is RuntimeKind.TORCH:
-        try:
-            from modelfleet.dataplane.runners.torch import TorchRunner
-        except ImportError as exc:
-            raise RunnerError(
-                f"runtime torch needs the torch extra: pip install 'modelfleet[torch]' ({exc.name} missing)"
-            ) from None
+        from modelfleet.dataplane.runners.torch import TorchRunner
+
         if spec.model.mode is not Mode.COMPLETION:  # embedding and rerank: a bi-encoder, no generation
             from modelfleet.dataplane.runners.embedding import EmbeddingRunner
 

@@ -102,16 +102,28 @@ def resolve_hf_dir(source: WeightSource, progress: Callable[[str], None] = lambd
     if path.suffix != ".gguf":
         raise WeightSourceError(f"{path}: expected a directory or a .gguf file")
     target = cache_root() / "weights" / f"{path.stem}-{_fingerprint(path)}"
-    if (target / CONVERTED_MARKER).exists():
+    if (target / CONVERTED_MARKER).exists() and not _partial_conversions(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        # under the lock no conversion of this target runs: a temporary folder left now is from
+        # one that was killed (its process cannot clean up after SIGKILL or a power cut)
+        for stale in _partial_conversions(target):
+            log.info("removing %s, left by an interrupted conversion", stale)
+            shutil.rmtree(stale, ignore_errors=True)
         if (target / CONVERTED_MARKER).exists():  # another replica converted it meanwhile
             return target
         progress(f"converting {path.name} to safetensors (first start only, about 30 s)")
         _convert_gguf(path, target)
     return target
+
+
+def _partial_conversions(target: Path) -> list[Path]:
+    """Temporary folders of conversions into ``target`` (``.<name>-<random>``, see _convert_gguf)."""
+    if not target.parent.is_dir():
+        return []
+    return [p for p in target.parent.glob(f".{target.name}-*") if p.is_dir()]
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
