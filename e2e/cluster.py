@@ -56,6 +56,10 @@ __all__ = [
 ]
 
 DEFAULT_K8S_VERSION = "v1.37.2"
+#: The versions scripts/k8s-install.sh installs (the same env vars override both); the harness
+#: refuses binaries of other versions, so a stale or hand-placed binary cannot pass unnoticed.
+ETCD_VERSION = os.environ.get("MODELFLEET_ETCD_VERSION", "v3.6.16")
+KWOK_VERSION = os.environ.get("MODELFLEET_KWOK_VERSION", "v0.8.0")
 #: Nodes carrying this annotation (``kwok.x-k8s.io/node: fake``) are managed by kwok.
 KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
@@ -489,11 +493,25 @@ class ControlPlane:
                 f"missing Kubernetes test binaries {missing} in {self.bin_dir}; {_INSTALL_HINT} "
                 "or point MODELFLEET_K8S_BIN at a directory that has them"
             )
+        self._check_versions()
         if self.with_kwok and not any(_kwok_stages_dir(self.bin_dir).glob("*.yaml")):
             raise MissingBinariesError(
                 f"kwok stage files missing in {_kwok_stages_dir(self.bin_dir)}; {_INSTALL_HINT} "
                 "or set MODELFLEET_KWOK_STAGES"
             )
+
+    def _check_versions(self) -> None:
+        """Each binary reports the version the install script pins (the first line of ``--version``)."""
+        expected = {"kube-apiserver": f"Kubernetes {self.version}", "etcd": f"etcd Version: {ETCD_VERSION[1:]}"}
+        if self.with_kwok:
+            expected["kwok"] = f"kwok version {KWOK_VERSION} "
+        for name, want in expected.items():
+            out = subprocess.run([self.bin(name), "--version"], capture_output=True, text=True, timeout=30)
+            got = (out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else ""
+            if not got.startswith(want):
+                raise MissingBinariesError(
+                    f"{self.bin(name)} reports {got!r}, expected {want.strip()!r}; {_INSTALL_HINT} for the pinned versions"
+                )
 
     def bin(self, name: str) -> str:
         return str(self.bin_dir / name)

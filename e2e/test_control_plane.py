@@ -15,7 +15,14 @@ from typing import Any
 
 import pytest
 
-from e2e.cluster import ControlPlane, fake_gpu_node, port_is_listening
+from e2e.cluster import (
+    DEFAULT_K8S_VERSION,
+    ControlPlane,
+    MissingBinariesError,
+    binary_dir,
+    fake_gpu_node,
+    port_is_listening,
+)
 
 pytestmark = pytest.mark.k8s
 
@@ -256,3 +263,10 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_binaries_of_another_version_are_refused() -> None:
+    """The harness asserts the pinned versions at start: the cached v1.37.2 binaries are not v1.36.0."""
+    plane = ControlPlane(version="v1.36.0", bin_dir=binary_dir(DEFAULT_K8S_VERSION))
+    with pytest.raises(MissingBinariesError, match=r"reports 'Kubernetes v1\.37\.2', expected 'Kubernetes v1\.36\.0'"):
+        plane._check_binaries()
