@@ -31,7 +31,7 @@ unlocked="${MODELFLEET_UNLOCKED:-0}"
 
 if ! [ -x "$uv" ] || ! "$uv" --version 2>/dev/null | grep -q "$uv_version"; then
   echo "bootstrap: installing uv $uv_version into $cache/uvtool"
-  python3.11 -m pip install --quiet --disable-pip-version-check --target "$cache/uvtool" --upgrade "uv==$uv_version"
+  python3.11 -P -m pip install --quiet --disable-pip-version-check --target "$cache/uvtool" --upgrade "uv==$uv_version"
 fi
 
 stamp="$venv/.modelfleet-stamp"

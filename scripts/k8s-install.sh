@@ -241,9 +241,9 @@ extract_layer() {
   local req="$1" dest="$2" py
   py="$(command -v python3 || command -v python)" || die "python3 is needed to unpack $req"
   local tmp; tmp="$(mktemp -d)"
-  "$py" -m pip download --quiet --no-deps --only-binary=:all: -d "$tmp" "$req" >&2 \
+  "$py" -P -m pip download --quiet --no-deps --only-binary=:all: -d "$tmp" "$req" >&2 \
     || { rm -rf "$tmp"; die "pip download $req failed"; }
-  "$py" - "$tmp" "$dest" <<'EOF'
+  "$py" -P - "$tmp" "$dest" <<'EOF'
 import io, os, sys, tarfile, zipfile, pathlib
 tmp, dest = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 whl = next(tmp.glob("*.whl"))
