@@ -162,7 +162,7 @@ async def _pool(
     if state.pooling is None:
         raise unavailable(5, f"The model is not ready yet ({state.progress}).")
     if isinstance(req, EmbeddingRequest):
-        return await state.pooling.embeddings(req)
+        return await state.pooling.embeddings(req, request_id)
     assert isinstance(req, RerankRequest)
     return await state.pooling.rerank(req, request_id)
 

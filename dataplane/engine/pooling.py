@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from modelfleet.dataplane.engine.metrics import EngineMetrics
+from modelfleet.dataplane.engine.service import runner_failure
 from modelfleet.dataplane.protocol import (
     ApiError,
     EmbeddingRequest,
@@ -129,7 +130,7 @@ class PoolingService:
                     code="context_length_exceeded",
                 )
 
-    async def _compute(self, token_ids: list[list[int]]) -> npt.NDArray[np.float32]:
+    async def _compute(self, token_ids: list[list[int]], request_id: str) -> npt.NDArray[np.float32]:
         """Embeddings of the inputs, with admission control and the engine's request metrics."""
         if self._in_flight > self.spec.engine.max_queue_len:
             self.metrics.rejected.labels(reason="queue_len").inc()
@@ -146,7 +147,7 @@ class PoolingService:
             outcome = "cancelled"
             raise
         except RunnerError as exc:
-            raise ApiError(500, f"Embedding failed: {exc}", type="server_error", code="runner_error") from None
+            raise runner_failure("Embedding", exc, request_id) from None
         finally:
             self._in_flight -= 1
             self.metrics.running.set(self._in_flight)
@@ -154,7 +155,7 @@ class PoolingService:
             self.metrics.e2e_seconds.observe(time.perf_counter() - started)
             self.metrics.prompt_tokens.inc(sum(len(ids) for ids in token_ids))
 
-    async def embeddings(self, req: EmbeddingRequest) -> dict[str, Any]:
+    async def embeddings(self, req: EmbeddingRequest, request_id: str | None = None) -> dict[str, Any]:
         self._check_model(req.model)
         dims = self.runner.dimensions
         if req.dimensions is not None and req.dimensions != dims:
@@ -184,7 +185,7 @@ class PoolingService:
                         param=name,
                     )
         self._check_lengths(token_ids, req.input_param)
-        vectors = await self._compute(token_ids)
+        vectors = await self._compute(token_ids, request_id or uuid.uuid4().hex)
         encode = encode_base64 if req.encoding_format == "base64" else lambda v: v.tolist()
         tokens = sum(len(ids) for ids in token_ids)
         return {
@@ -196,9 +197,10 @@ class PoolingService:
 
     async def rerank(self, req: RerankRequest, request_id: str | None) -> dict[str, Any]:
         self._check_model(req.model)
+        request_id = request_id or uuid.uuid4().hex
         token_ids = await self.runner.tokenize([req.query, *req.documents])
         self._check_lengths(token_ids, lambda i: "query" if i == 0 else f"documents[{i - 1}]")
-        vectors = await self._compute(token_ids)
+        vectors = await self._compute(token_ids, request_id)
         scores = (vectors[1:] @ vectors[0]).tolist()  # unit vectors: the dot product is the cosine
         results = []
         for i in rank(scores, req.top_n):
@@ -208,7 +210,7 @@ class PoolingService:
             results.append(item)
         tokens = sum(len(ids) for ids in token_ids)
         return {
-            "id": f"rerank-{request_id or uuid.uuid4().hex}",
+            "id": f"rerank-{request_id}",
             "model": req.model,
             "results": results,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -53,6 +54,25 @@ def _sse(obj: dict[str, Any]) -> bytes:
 
 
 SSE_DONE = b"data: [DONE]\n\n"
+
+
+log = logging.getLogger(__name__)
+
+
+def runner_failure(what: str, exc: RunnerError, request_id: str) -> ApiError:
+    """A runner's own failure as the client gets it: a generic 500 naming the request id, never the message.
+
+    A runner's message is for operators (a child's pid and exit code, a device error, a provider's address),
+    so it goes to the log under the request id, where the id in the client's error finds it.
+    """
+    log.error("%s failed for request %s: %s: %s", what, request_id, type(exc).__name__, exc)
+    return ApiError(
+        500,
+        f"{what} failed because of an internal error (request id {request_id}). "
+        "Retry the request; if it keeps failing, report it with this request id.",
+        type="server_error",
+        code="runner_error",
+    )
 
 
 def upstream_api_error(exc: UpstreamError) -> ApiError:
@@ -243,7 +263,7 @@ class EngineService:
         except UpstreamError as exc:  # a provider's refusal, or this runner's budget and rate limits
             raise upstream_api_error(exc) from None
         except RunnerError as exc:
-            raise ApiError(500, f"Generation failed: {exc}", type="server_error", code="runner_error") from None
+            raise runner_failure("Generation", exc, prep.request_id) from None
         finally:
             metrics.requests.labels(outcome=outcome).inc()
             metrics.e2e_seconds.observe(time.perf_counter() - started)

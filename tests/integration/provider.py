@@ -2,11 +2,12 @@
 
 Hosted providers cannot be reached from these machines, so this small real
 HTTP server on loopback plays one, with the failures a provider shows: a
-rejected key (401), 429 with Retry-After, 500, a slow first byte, and a stream
-cut mid-way. It checks ``Authorization: Bearer <key>`` against the keys it
-accepts, records every request it gets (headers and body), and streams a
-fixed answer with usage in its last event; each request is recorded with its
-arrival time (``at``, ``time.monotonic()``). Failures are scripted per request:
+rejected key (401), 429 with Retry-After, 500, a slow first byte, a stream
+cut mid-way, and a stream that stalls mid-way until the caller goes away. It
+checks ``Authorization: Bearer <key>`` against the keys it accepts, records
+every request it gets (headers, body and arrival time ``at`` on
+``time.monotonic()``), and streams a fixed answer with usage in its last
+event. Failures are scripted per request:
 ``provider.script(["429", "500", "ok"])`` makes the next three requests
 answer that way; unscripted requests are "ok".
 
@@ -93,11 +94,17 @@ class FakeProvider:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         base = {"id": "prov-1", "created": int(time.time()), "model": body.get("model")}
-        words = ANSWER[:2] if outcome == "cut" else ANSWER
+        words = ANSWER[:2] if outcome in ("cut", "stall") else ANSWER
         for word in words:
             choice: dict[str, Any] = {"index": 0, "finish_reason": None}
             choice.update({"delta": {"content": word}} if chat else {"text": word})
             await resp.write(_event({**base, "object": "chat.completion.chunk", "choices": [choice]}))
+        if outcome == "stall":  # the words are out; the rest never comes while the caller stays connected
+            for _ in range(1200):  # at most a minute
+                if request.transport is None or request.transport.is_closing():
+                    break
+                await asyncio.sleep(0.05)
+            return resp
         if outcome == "cut":
             assert request.transport is not None
             # let the words reach the client first: a close in the same read would make aiohttp raise before

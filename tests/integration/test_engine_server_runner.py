@@ -155,6 +155,34 @@ async def test_a_killed_child_is_rebuilt_and_queued_requests_are_served(vllm_eng
     assert ready.status == 200
 
 
+async def test_a_child_dying_mid_stream_tells_the_client_nothing_internal(vllm_engine, provider, caplog):
+    """The stream ends with a generic error event naming the request id; the pid and exit code go to the log."""
+    client, state = vllm_engine
+    runner = state.runner
+    assert isinstance(runner, EngineServerRunner) and runner.proc is not None
+    pid = runner.proc.pid
+    provider.script(["stall"])  # two words, then nothing until the child goes away
+    rid = "rid-child-dies-mid-stream"
+    resp = await client.post("/v1/chat/completions", json=chat(stream=True), headers={"x-request-id": rid})
+    assert resp.status == 200
+    events: list[dict[str, Any]] = []
+    async for raw in resp.content:
+        line = raw.decode().strip()
+        if line == "data: [DONE]":
+            break
+        if line.startswith("data: "):
+            events.append(json.loads(line[6:]))
+            if len(events) == 2:  # the role event, then the first word: the child is mid-response
+                os.killpg(pid, signal.SIGKILL)
+    error = events[-1]["error"]
+    assert error["type"] == "server_error" and error["code"] == "runner_error"
+    assert rid in error["message"]
+    for internal in (str(pid), "pid", "exited", "vllm"):
+        assert internal not in error["message"]
+    logged = [r.getMessage() for r in caplog.records if rid in r.getMessage()]
+    assert any(f"pid {pid}" in m and "exited with code" in m for m in logged), logged
+
+
 async def test_sglang_runner_proxies_over_a_loopback_port(standin_path):
     client, state = await engine("sglang")
     try:

@@ -215,11 +215,15 @@ def test_stream_cut_midway_ends_with_an_error_event_not_silence(remote: Stack, p
         model="hosted-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True
     )
     text = []
-    with pytest.raises(openai.APIError, match="stream broke"):
+    with pytest.raises(openai.APIError) as err:
         for chunk in stream:
             if chunk.choices:
                 text.append(chunk.choices[0].delta.content or "")
     assert "".join(text) == "".join(ANSWER[:2])  # what was streamed stays; nothing is retried after it
+    # the client learns that it failed and under which request id; why (the runner's words) is in the log
+    assert "internal error (request id " in err.value.message and "stream broke" not in err.value.message
+    rid = err.value.message.split("request id ", 1)[1].split(")", 1)[0]
+    assert f"Generation failed for request {rid}: RunnerError: the provider's stream broke" in remote.output()
     assert len(provider.requests) - before == 1
 
 

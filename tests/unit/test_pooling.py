@@ -16,6 +16,7 @@ from modelfleet.dataplane.engine.metrics import EngineMetrics
 from modelfleet.dataplane.engine.pooling import PoolingService, decode_base64, encode_base64, rank, require_mode
 from modelfleet.dataplane.gateway.openapi import openapi_document
 from modelfleet.dataplane.protocol import ApiError, EmbeddingRequest, RerankRequest, validation_error
+from modelfleet.dataplane.runners.base import RunnerError
 from modelfleet.dataplane.runners.embedding import l2_normalize, mean_pool
 from modelfleet.dataplane.spec import InferenceDeploymentSpec
 
@@ -189,6 +190,23 @@ async def test_a_full_replica_answers_429():
     assert err.value.status == 429 and err.value.headers["Retry-After"] == "1"
     fake.gate.set()
     assert (await first)["usage"]["prompt_tokens"] == 3
+
+
+class BrokenEmbedder(FakeEmbedder):
+    """Fails the way a runner's worker does, with internals (a pid) in its message."""
+
+    async def embed(self, token_ids):
+        raise RunnerError("the embedding worker (pid 4242) died with signal 9")
+
+
+async def test_a_runner_failure_reaches_the_client_without_internals(caplog):
+    service = PoolingService(_spec("embedding"), BrokenEmbedder(), EngineMetrics())
+    with pytest.raises(ApiError) as err:
+        await service.embeddings(EmbeddingRequest(model="emb", input="a"), "rid-embed-1")
+    assert err.value.status == 500 and err.value.code == "runner_error" and err.value.type == "server_error"
+    assert "rid-embed-1" in err.value.message
+    assert "4242" not in err.value.message and "pid" not in err.value.message
+    assert any("rid-embed-1" in r.getMessage() and "pid 4242" in r.getMessage() for r in caplog.records)
 
 
 def test_openapi_document_has_the_embedding_and_rerank_endpoints():
