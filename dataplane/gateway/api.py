@@ -186,8 +186,7 @@ def create_app(
             relayed = await service.forward(
                 endpoint, req, request_id, request.headers, raw=upstream_body(req, raw), on_usage=on_usage
             )
-        except ApiError as exc:
-            service.count_error(endpoint, exc)
+        except ApiError as exc:  # counted by forward(), under the request's deployment
             return api_error_response(exc)
         return await _send(request, relayed)
 

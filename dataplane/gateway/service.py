@@ -65,8 +65,13 @@ class GatewayService:
         """``raw``: the body to send as is (the HTTP layer's patched client bytes); else ``req`` re-encoded.
 
         ``on_usage(prompt_tokens, completion_tokens)``: called with the answer's usage (the API key's tally).
+        A refusal (ApiError) is counted here, under the deployment the model resolved to, or ``none``.
         """
-        route = self.table.lookup(req.model)
+        try:
+            route = self.table.lookup(req.model)
+        except ApiError as exc:
+            self.count_error(endpoint, exc, None)
+            raise
         if raw is not None:
             body = raw
         else:
@@ -84,16 +89,21 @@ class GatewayService:
 
         assert self.session is not None
         started = time.perf_counter()
-        attempt = await open_upstream(
-            self.session,
-            pick,
-            endpoint,
-            body,
-            request_headers(client_headers or {}) | {"content-type": "application/json", "x-request-id": request_id},
-            retry_budget=len(endpoints) - 1,
-            on_retry=lambda url, reason: log.warning("sidecar %s answered %s; trying another", url, reason),
-            what=f"deployment {route.name!r}",
-        )
+        try:
+            attempt = await open_upstream(
+                self.session,
+                pick,
+                endpoint,
+                body,
+                request_headers(client_headers or {})
+                | {"content-type": "application/json", "x-request-id": request_id},
+                retry_budget=len(endpoints) - 1,
+                on_retry=lambda url, reason: log.warning("sidecar %s answered %s; trying another", url, reason),
+                what=f"deployment {route.name!r}",
+            )
+        except ApiError as exc:
+            self.count_error(endpoint, exc, route.name)
+            raise
         upstream = attempt.response
         headers = response_headers(upstream)
         if not headers.get("content-type", "").startswith("text/event-stream"):
@@ -166,5 +176,6 @@ class GatewayService:
         self.metrics.requests.labels(route.name, endpoint, str(status)).inc()
         self.metrics.latency.labels(route.name, endpoint).observe(time.perf_counter() - started)
 
-    def count_error(self, endpoint: str, exc: ApiError) -> None:
-        self.metrics.requests.labels("none", endpoint, str(exc.status)).inc()
+    def count_error(self, endpoint: str, exc: ApiError, deployment: str | None) -> None:
+        """A refusal by the gateway itself; ``deployment`` None: the request named no deployment (unknown model)."""
+        self.metrics.requests.labels(deployment or "none", endpoint, str(exc.status)).inc()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from modelfleet.dataplane.gateway.api import create_app
 from modelfleet.dataplane.gateway.routes import DeploymentRoute, RoutingTable
@@ -67,3 +68,19 @@ async def test_unknown_engine_is_404_naming_it(client, method, path):
     err = (await resp.json())["error"]
     assert err["code"] == "engine_not_found" and err["type"] == "not_found_error"
     assert "'ollama'" in err["message"] and "llama.cpp" in err["message"]
+
+
+async def test_error_metrics_name_the_deployment_the_request_was_for(client):
+    """A refusal after the model resolved counts under its deployment; only an unknown model counts as none."""
+    assert (await client.post("/v1/chat/completions", json=CHAT)).status == 503  # deployment "down": no replica
+    assert (await client.post("/v1/chat/completions", json={**CHAT, "model": "gone"})).status == 503
+    assert (await client.post("/v1/chat/completions", json={**CHAT, "model": "nope"})).status == 404
+    text = await (await client.get("/metrics")).text()
+    counts = {
+        (s.labels["deployment"], s.labels["status"]): s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "modelfleet_gateway_requests"
+        for s in family.samples
+        if s.name == "modelfleet_gateway_requests_total" and s.labels["endpoint"] == "/v1/chat/completions"
+    }
+    assert counts == {("down", "503"): 1.0, ("gone", "503"): 1.0, ("none", "404"): 1.0}
