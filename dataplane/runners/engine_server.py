@@ -166,6 +166,7 @@ class EngineServerRunner:
         self.progress = "not started"
         self.proc: asyncio.subprocess.Process | None = None
         self.exit_code: int | None = None
+        self._stopping = False  # this runner is stopping its child: its exit is no fault
         self._endpoint: str | int | None = None  # socket path or port
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -230,6 +231,7 @@ class EngineServerRunner:
         env = self.child_env()
         self._endpoint = endpoint
         self.exit_code = None
+        self._stopping = False
         self._output.clear()
         self.proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -294,7 +296,10 @@ class EngineServerRunner:
         self.exit_code = code
         self.stats["server_exits"] += 1
         self.progress = f"{self.program} (pid {proc.pid}) exited with code {code}"
-        log.error("%s; the engine worker rebuilds it when the next request arrives", self.progress)
+        if self._stopping:
+            log.info("%s (stopped by the engine)", self.progress)
+        else:
+            log.error("%s; the engine worker rebuilds it when the next request arrives", self.progress)
 
     async def _wait_ready(self) -> None:
         assert self.proc is not None and self._session is not None
@@ -328,6 +333,7 @@ class EngineServerRunner:
         await self.load_weights(None, self.spec.model.source)
 
     async def _stop(self) -> None:
+        self._stopping = True
         session, self._session = self._session, None
         if session is not None:
             await session.close()
