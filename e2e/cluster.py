@@ -127,10 +127,16 @@ def kubeconfig_yaml(
     user: str = "user",
     cluster: str = "modelfleet-test",
     namespace: str | None = None,
+    tls_server_name: str | None = None,
 ) -> str:
-    """A kubeconfig (YAML) authenticating with a bearer ``token``."""
+    """A kubeconfig (YAML) authenticating with a bearer ``token``.
+
+    ``tls_server_name``: the name to verify the server certificate against when
+    ``server`` is an address the certificate does not name (a forwarded port).
+    """
     ca_b64 = base64.b64encode(ca_pem).decode()
     ns = f"\n    namespace: {json.dumps(namespace)}" if namespace else ""
+    sni = f"\n    tls-server-name: {json.dumps(tls_server_name)}" if tls_server_name else ""
     return (
         "apiVersion: v1\n"
         "kind: Config\n"
@@ -138,7 +144,7 @@ def kubeconfig_yaml(
         f"- name: {json.dumps(cluster)}\n"
         "  cluster:\n"
         f"    server: {json.dumps(server)}\n"
-        f"    certificate-authority-data: {ca_b64}\n"
+        f"    certificate-authority-data: {ca_b64}{sni}\n"
         "users:\n"
         f"- name: {json.dumps(user)}\n"
         "  user:\n"
@@ -160,11 +166,14 @@ def write_kubeconfig(
     *,
     user: str = "user",
     namespace: str | None = None,
+    tls_server_name: str | None = None,
 ) -> Path:
     """Write :func:`kubeconfig_yaml` to ``path`` (mode 0600) and return it."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(kubeconfig_yaml(server, ca_pem, token, user=user, namespace=namespace))
+    p.write_text(
+        kubeconfig_yaml(server, ca_pem, token, user=user, namespace=namespace, tls_server_name=tls_server_name)
+    )
     p.chmod(0o600)
     return p
 
@@ -451,6 +460,7 @@ class ControlPlane:
         startup_timeout: float = 90.0,
         extra_apiserver_args: Sequence[str] = (),
         extra_controller_manager_args: Sequence[str] = (),
+        extra_users: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.bin_dir = Path(bin_dir) if bin_dir is not None else binary_dir(version)
         self.version = version
@@ -460,6 +470,9 @@ class ControlPlane:
         self.startup_timeout = startup_timeout
         self.extra_apiserver_args = list(extra_apiserver_args)
         self.extra_controller_manager_args = list(extra_controller_manager_args)
+        # user -> groups: static bearer tokens the API server accepts (a real
+        # kubelet is "system:node:<name>" in "system:nodes"); see token_for()
+        self.extra_users = {u: tuple(g) for u, g in (extra_users or {}).items()}
         self._given_workdir = Path(workdir) if workdir is not None else None
         if keep_workdir is None:
             keep_workdir = os.environ.get("MODELFLEET_K8S_KEEP", "") not in ("", "0", "false")
@@ -730,6 +743,8 @@ class ControlPlane:
         self._new_token("system:kube-controller-manager")
         self._new_token("system:kube-scheduler")
         self._new_token("kwok", ["system:masters"])
+        for user, groups in self.extra_users.items():
+            self._new_token(user, groups)
         tokens_csv = self.workdir / "tokens.csv"
         rows = []
         for t in self._tokens.values():
@@ -872,9 +887,30 @@ class ControlPlane:
         *,
         user: str = "user",
         namespace: str | None = None,
+        server: str | None = None,
+        tls_server_name: str | None = None,
     ) -> Path:
-        """Kubeconfig for this API server authenticating with ``token``."""
-        return write_kubeconfig(path, self.server, self.ca_path.read_bytes(), token, user=user, namespace=namespace)
+        """Kubeconfig for this API server authenticating with ``token``.
+
+        ``server``/``tls_server_name``: reach it at another address (a port forwarded into a
+        network namespace) while still verifying its certificate.
+        """
+        return write_kubeconfig(
+            path,
+            server or self.server,
+            self.ca_path.read_bytes(),
+            token,
+            user=user,
+            namespace=namespace,
+            tls_server_name=tls_server_name,
+        )
+
+    def token_for(self, user: str) -> str:
+        """The static bearer token of ``user`` (one of ``extra_users``, or a component)."""
+        try:
+            return self._tokens[user].token
+        except KeyError:
+            raise ControlPlaneError(f"no static token for {user!r}: pass it in extra_users=") from None
 
     def create_token(self, service_account: str, namespace: str = "default", duration: str = "1h") -> str:
         """A bound ServiceAccount token (TokenRequest API via ``kubectl create token``)."""

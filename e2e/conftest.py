@@ -22,6 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CRD_FILE = ROOT / "crds" / "inferencedeployments.modelfleet.io.yaml"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # registered here until pyproject.toml's marker list carries it (--strict-markers)
+    config.addinivalue_line(
+        "markers", "real_node: runs a real kubelet node (root; scripts/node-install.sh); select with -m real_node"
+    )
+
+
 @pytest.fixture(scope="session")
 def k8s() -> Iterator[ControlPlane]:
     """The local control plane, or the cluster of MODELFLEET_E2E_KUBECONFIG (`make e2e KUBECONFIG=...`)."""

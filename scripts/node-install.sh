@@ -177,7 +177,8 @@ build_node_binaries() {
 # oci_archive <rootfs dir> <image ref> <out.tar> <entrypoint json array>
 # Writes an OCI image layout (one uncompressed layer, reproducible: fixed
 # mtimes and owners) as a tar archive that `ctr images import` takes. Prints
-# the manifest digest.
+# "<manifest digest> <config digest>": the config digest is the image ID that
+# kubelet reports as a pod's imageID for an image that came from no registry.
 oci_archive() {
   local rootfs="$1" ref="$2" out="$3" entrypoint="$4"
   local w; w="$(mktemp -d)"
@@ -205,7 +206,7 @@ oci_archive() {
   tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$w" -cf "$out.tmp" oci-layout index.json blobs
   mv -f "$out.tmp" "$out"
   rm -rf "$w"
-  printf 'sha256:%s' "$man_digest"
+  printf 'sha256:%s sha256:%s' "$man_digest" "$cfg_digest"
 }
 
 # image_up_to_date <name> <inputs hash>
@@ -213,7 +214,7 @@ image_up_to_date() { [[ -f "$IMAGES/$1.oci.tar" && "$(cat "$IMAGES/$1.inputs" 2>
 
 build_pause_image() {
   local ref="$IMAGE_REGISTRY/pause:$PAUSE_VERSION"
-  local inputs; inputs="$(cat "$HERE/node/pause.c" | sha256sum | cut -c1-16) $PAUSE_VERSION $(deb_version gcc-12) $(deb_version libc6-dev)"
+  local inputs; inputs="$(sha256sum < "$HERE/node/pause.c" | cut -c1-16) $PAUSE_VERSION $(deb_version gcc-12) $(deb_version libc6-dev) v2"
   if image_up_to_date pause "$inputs"; then ok pause-image "$ref $(cat "$IMAGES/pause.digest")"; return 0; fi
   local w; w="$(mktemp -d)"
   mkdir -p "$w/rootfs"
@@ -230,7 +231,7 @@ build_busybox_image() {
   local bbver; bbver="$(deb_version busybox-static)"
   local tag="${bbver#*:}"; tag="${tag//[^A-Za-z0-9_.-]/_}"
   local ref="$IMAGE_REGISTRY/busybox:$tag"
-  local inputs; inputs="$bbver $(sha256sum /bin/busybox | cut -c1-16) v1"
+  local inputs; inputs="$bbver $(sha256sum /bin/busybox | cut -c1-16) v2"
   if image_up_to_date busybox "$inputs"; then ok busybox-image "$ref $(cat "$IMAGES/busybox.digest")"; return 0; fi
   local w; w="$(mktemp -d)"
   mkdir -p "$w/rootfs/bin" "$w/rootfs/tmp" "$w/rootfs/etc" "$w/rootfs/proc" "$w/rootfs/sys" "$w/rootfs/dev"
@@ -249,7 +250,7 @@ build_busybox_image() {
 }
 
 write_image_list() {
-  # images.txt: "<role> <ref> <archive> <manifest digest>" (read by e2e/node.py)
+  # images.txt: "<role> <ref> <archive> <manifest digest> <image id>" (read by e2e/node.py)
   {
     echo "pause $IMAGE_REGISTRY/pause:$PAUSE_VERSION $IMAGES/pause.oci.tar $(cat "$IMAGES/pause.digest")"
     local tag; tag="$(deb_version busybox-static)"; tag="${tag#*:}"; tag="${tag//[^A-Za-z0-9_.-]/_}"
@@ -275,7 +276,7 @@ fi
   echo "k8s=$K8S_VERSION"
   for spec in "${DEBS[@]}"; do echo "deb:${spec%%=*}=$(deb_version "${spec%%=*}")"; done
   echo "pause=$IMAGE_REGISTRY/pause:$PAUSE_VERSION $(cat "$IMAGES/pause.digest")"
-  echo "busybox=$(sed -n 's/^busybox \([^ ]*\) .* \(sha256:.*\)$/\1 \2/p' "$IMAGES/images.txt")"
+  echo "busybox=$(awk '$1=="busybox"{print $2, $4, $5}' "$IMAGES/images.txt")"
   echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 } > "$NODE/stamp"
 
