@@ -68,11 +68,23 @@ def _wait_running(node: RealNode, ns: str, name: str, timeout: float = 90) -> di
         return pod if pod["status"].get("phase") == "Running" and ready else None
 
     try:
-        return node.cp.wait_for(f"pod {ns}/{name} Running and Ready", running, timeout)
+        result: dict[str, Any] = node.cp.wait_for(f"pod {ns}/{name} Running and Ready", running, timeout)
+        return result
     except TimeoutError:
         print(node.cp.kubectl("describe", "pod", name, "-n", ns, check=False).stdout)
         node.dump_logs()
         raise
+
+
+def _namespace(cp: ControlPlane) -> str:
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    cp.kubectl("create", "namespace", ns)
+    cp.wait_for(
+        "the namespace's default ServiceAccount",
+        lambda: cp.kubectl("get", "sa", "default", "-n", ns, check=False).returncode == 0,
+        30,
+    )
+    return ns
 
 
 def test_node_is_ready_and_isolated(real_node: RealNode) -> None:
@@ -91,13 +103,7 @@ def test_node_is_ready_and_isolated(real_node: RealNode) -> None:
 
 def test_trivial_pod_runs_logs_and_exec(real_node: RealNode) -> None:
     cp = real_node.cp
-    ns = f"t-{uuid.uuid4().hex[:8]}"
-    cp.kubectl("create", "namespace", ns)
-    cp.wait_for(
-        "the namespace's default ServiceAccount",
-        lambda: cp.kubectl("get", "sa", "default", "-n", ns, check=False).returncode == 0,
-        30,
-    )
+    ns = _namespace(cp)
     busybox = real_node.images["busybox"]
     t0 = time.monotonic()
     cp.apply(
@@ -127,4 +133,24 @@ def test_trivial_pod_runs_logs_and_exec(real_node: RealNode) -> None:
     assert cmdline.split() == ["sleep", "3600"]  # PID 1 of the pod's container: the shell exec'd sleep
     ro = cp.kubectl("exec", "hello", "-n", ns, "--", "touch", "/written", check=False)
     assert ro.returncode != 0 and "Read-only file system" in ro.stderr + ro.stdout, ro
+    cp.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def test_pod_reaches_the_api_server_through_the_kubernetes_service(real_node: RealNode) -> None:
+    """kube-proxy (iptables, in the node's netns) sends the ClusterIP to the harness's forwarder."""
+    cp = real_node.cp
+    real_node.publish_apiserver_endpoint()
+    ns = _namespace(cp)
+    pod = _pod("client", real_node.images["busybox"].ref, ["sleep", "3600"])
+    pod["metadata"]["namespace"] = ns
+    cp.apply(pod)
+    _wait_running(real_node, ns, "client")
+    # plain HTTP to the TLS port: only Go's TLS server (the API server) answers like this
+    probe = 'printf "GET /version HTTP/1.0\\r\\n\\r\\n" | nc -w 5 "$KUBERNETES_SERVICE_HOST" "$KUBERNETES_SERVICE_PORT"'
+
+    def answered() -> str | None:
+        out = cp.kubectl("exec", "client", "-n", ns, "--", "sh", "-c", probe, check=False).stdout
+        return out if "Client sent an HTTP request to an HTTPS server" in out else None
+
+    cp.wait_for("the API server's answer through the kubernetes Service", answered, 30)
     cp.kubectl("delete", "namespace", ns, "--wait=false", check=False)
