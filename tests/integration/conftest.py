@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from modelfleet.dataplane.launcher import free_port
+from tests.metrics_text import series_value
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = Path(__file__).with_name("manifests.yaml")
@@ -158,6 +159,8 @@ def get(url: str) -> tuple[int, str]:
             return err.code, err.read().decode()
 
 
-def metric(url: str, name: str) -> float:
-    _, text = get(url + "/metrics")
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+def metric(url: str, series: str) -> float:
+    """One series of url's /metrics: ``name`` or ``name{label="value"}``, matched exactly (tests/metrics_text.py)."""
+    status, text = get(url + "/metrics")
+    assert status == 200, text
+    return series_value(text, series)

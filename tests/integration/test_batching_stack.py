@@ -9,7 +9,9 @@ import asyncio
 import openai
 import pytest
 
-from tests.integration.conftest import engine_url, get, metric
+from modelfleet.dataplane.manifest import load_manifests
+from modelfleet.dataplane.spec import InferenceDeploymentSpec
+from tests.integration.conftest import MANIFEST, engine_url, get, metric
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -18,6 +20,10 @@ TOPICS = [
     "the sea", "a cat", "Paris", "winter", "a robot", "bread", "the moon", "a train",
     "rain", "a violin", "mountains", "coffee", "a lighthouse", "autumn", "a bicycle", "the desert",
 ]  # fmt: skip
+
+
+def deployment(name: str) -> InferenceDeploymentSpec:
+    return next(d.spec for d in load_manifests(MANIFEST) if d.metadata.name == name)
 
 
 async def stream(client: openai.AsyncOpenAI, topic: str) -> str:
@@ -49,12 +55,17 @@ def test_engine_reports_kv_and_prefix_cache_state(stack):
     client = stack.client()
     system = {"role": "system", "content": "You answer about geography in one short sentence. " * 6}
     before = metric(engine, "modelfleet_engine_prefix_cache_hit_tokens_total")
+    steps = metric(engine, "modelfleet_engine_steps_total")
     for question in ("What is the capital of Italy?", "What is the capital of Spain?"):
-        client.chat.completions.create(
+        reply = client.chat.completions.create(
             model=MODEL, messages=[system, {"role": "user", "content": question}], temperature=0, max_tokens=4
         )
+        assert reply.usage is not None and reply.usage.completion_tokens == 4
     assert metric(engine, "modelfleet_engine_prefix_cache_hit_tokens_total") - before >= 48  # the system prompt
-    assert metric(engine, "modelfleet_engine_kv_blocks") > 0
-    assert metric(engine, "modelfleet_engine_steps_total") > 0
+    # the replica's whole paged cache, as configured; every block back once the requests are done
+    assert metric(engine, 'modelfleet_engine_kv_blocks{tier="local"}') == deployment("smollm2").engine.kv_blocks()
+    assert metric(engine, 'modelfleet_engine_kv_blocks_used{tier="local"}') == 0
+    # each request took a step per token at least (prefill and first token, then three decode steps)
+    assert metric(engine, 'modelfleet_engine_steps_total{tier="local"}') - steps >= 2 * 4
     status, body = get(engine + "/load")
     assert status == 200 and '"kv_usage"' in body and '"prefix_hit_rate"' in body

@@ -12,6 +12,8 @@ import httpx
 import openai
 import pytest
 
+from tests.metrics_text import series_value
+
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -145,13 +147,8 @@ def _get(url: str) -> str:
         return str(resp.read().decode())
 
 
-def _metric(url: str, name: str) -> float:
-    text = _get(url + "/metrics")
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+def _metric(url: str, series: str) -> float:
+    return series_value(_get(url + "/metrics"), series)
 
 
 def test_client_disconnect_cancels_generation_in_engine(stack):
