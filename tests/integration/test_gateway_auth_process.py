@@ -70,9 +70,9 @@ def test_no_key_material_in_the_gateway_process_log(tmp_path: Path) -> None:
         assert metrics_text(base, KEY_A)[0] == 401
         # a bad file with a key in it, then a valid rotation: both are logged
         write_keys(keys, f"keys:\n  - name: x\n    key: {KEY_NEW}\n   models: [oops\n")
-        time.sleep(0.5)
+        wait_for_log(log, "not reloading")
         write_keys(keys, f"keys: [{{name: rotated, key: {KEY_NEW}, models: '*'}}]\n")
-        time.sleep(0.5)
+        wait_for_log(log, "key(s): rotated")
     finally:
         proc.terminate()
         proc.wait(20)
@@ -81,6 +81,13 @@ def test_no_key_material_in_the_gateway_process_log(tmp_path: Path) -> None:
     assert "not reloading" in text and "rotated" in text, text
     for secret in [*SECRETS, hashlib.sha256(KEY_B.encode()).hexdigest()]:
         assert secret not in text, f"key material in the gateway log:\n{text}"
+
+
+def wait_for_log(log: Path, text: str, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in log.read_text():
+        assert time.monotonic() < deadline, f"{text!r} not logged within {timeout_s} s:\n{log.read_text()}"
+        time.sleep(0.05)
 
 
 def test_up_says_when_it_runs_open_and_refuses_a_bad_keys_file(tmp_path: Path, capsys) -> None:

@@ -92,7 +92,13 @@ def test_json_log_lines_carry_the_request_id_and_no_secrets(roles):
     assert sent.status_code == 503
     generated = httpx.post(url + "/v1/chat/completions", json=body, headers=auth)
     assert generated.status_code == 503
-    time.sleep(0.5)  # the log lines reach the file
+    deadline = time.monotonic() + 10
+    while not (
+        '"req-json-logs-1"' in logs["gateway"].read_text()
+        and re.search(r'"request_id": ?"[0-9a-f]{32}"', logs["gateway"].read_text())
+    ):  # both requests' lines have reached the file
+        assert time.monotonic() < deadline, logs["gateway"].read_text()[-2000:]
+        time.sleep(0.05)
 
     gateway = _lines(logs["gateway"])
     sidecar = _lines(logs["sidecar"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,8 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import Stack, engine_url, start_stack, stop_stack
+from tests.integration.conftest import Stack, engine_url, metric, start_stack, stop_stack
+from tests.integration.faultkit import wait_for
 from tests.integration.provider import FakeProvider
 
 pytestmark = [pytest.mark.model]
@@ -149,6 +149,8 @@ def test_no_key_credential_or_prompt_in_any_log_or_metric(secured: Stack, provid
     finally:
         provider.accept_only(PROVIDER_KEY)
     # a client that leaves mid-stream
+    local = engine_url(secured, "local")
+    cancelled = metric(local, 'modelfleet_engine_requests_total{outcome="cancelled"}')
     with httpx.stream(
         "POST",
         secured.base_url + "/v1/chat/completions",
@@ -166,7 +168,12 @@ def test_no_key_credential_or_prompt_in_any_log_or_metric(secured: Stack, provid
     }
     assert 'key="team-sec"' in metrics["gateway /metrics"]  # keys are named, never shown
 
-    time.sleep(1)  # let the children write what the aborted stream made them log
+    # the engine, last in the chain, has seen the client leave: gateway and sidecar reacted before it did
+    wait_for(
+        lambda: metric(local, 'modelfleet_engine_requests_total{outcome="cancelled"}') > cancelled,
+        60,
+        "the engine ending the abandoned stream",
+    )
     stop_stack(secured)
     log = secured.output()
     for role in ("[gateway]", "[sidecar]", "[engine-0]"):  # every process's output is in the scanned text

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -36,6 +36,7 @@ class StandIn:
     runner: web.AppRunner | None = None
     keys: RecentPrefixKeys | None = None  # set: note and report prefix keys in /load, as the engine does
     load_reads: int = 0
+    readyz_reads: int = 0
 
     async def chat(self, request: web.Request) -> web.Response:
         prefix = prompt_prefix(await request.read(), 256) or ""
@@ -47,6 +48,7 @@ class StandIn:
         return web.json_response({"object": "chat.completion", "served_by": self.name})
 
     async def readyz(self, request: web.Request) -> web.Response:
+        self.readyz_reads += 1
         return web.json_response({"status": "ready"})
 
     async def load(self, request: web.Request) -> web.Response:
@@ -85,6 +87,14 @@ async def start_sidecar(
             break
         await asyncio.sleep(0.02)
     return runner, url, coord
+
+
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    """Wait for a condition (polled every 10 ms), failing after timeout_s."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"no {what} within {timeout_s} s"
+        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -161,8 +171,17 @@ async def test_an_engine_that_goes_away_is_ejected_and_its_prefixes_move(engines
 async def test_two_sidecars_converge_on_one_even_placement_through_the_engines_reports(engines):
     for e in engines:
         e.keys = RecentPrefixKeys()
-    runner_a, sidecar_a, _ = await start_sidecar("PrefixAffinity", engines)
-    runner_b, sidecar_b, _ = await start_sidecar("PrefixAffinity", engines)
+    runner_a, sidecar_a, coord_a = await start_sidecar("PrefixAffinity", engines)
+    runner_b, sidecar_b, coord_b = await start_sidecar("PrefixAffinity", engines)
+    by_url = {e.url: e for e in engines}
+
+    def reports_arrived() -> bool:  # both sidecars hold every engine's latest prefix report
+        return all(
+            len(peer.prefix_keys) == len(by_url[peer.url].keys.report())  # type: ignore[union-attr]
+            for coord in (coord_a, coord_b)
+            for peer in coord.peers
+        )
+
     served: dict[int, list[str]] = {i: [] for i in range(len(SYSTEM_PROMPTS))}
     try:
         async with aiohttp.ClientSession() as client:
@@ -172,7 +191,7 @@ async def test_two_sidecars_converge_on_one_even_placement_through_the_engines_r
                     async with client.post(sidecar + "/v1/chat/completions", json=body(system, f"q{q}")) as resp:
                         assert resp.status == 200
                         served[i].append(json.loads(await resp.read())["served_by"])
-                await asyncio.sleep(0.15)  # a few /load polls (every 0.05 s) between rounds
+                await until(reports_arrived, "prefix reports at both sidecars")  # before the next round
             metrics = await (await client.get(sidecar_b + "/metrics")).text()
     finally:
         await runner_a.cleanup()
@@ -209,9 +228,14 @@ async def test_only_the_prefix_home_is_told_the_key_not_a_detour(engines):
 async def test_load_is_read_between_health_checks(engines):
     runner, _, _ = await start_sidecar("PrefixAffinity", engines, health_interval_s=0.2, load_interval_s=0.02)
     try:
-        before = [e.load_reads for e in engines]
-        await asyncio.sleep(0.15)  # at most one health check round (it reads /load too), several load rounds
-        after = [e.load_reads for e in engines]
+        # each health check reads /load too: reads beyond one per check come from the load rounds between them
+        def between_checks() -> list[int]:
+            return [e.load_reads - e.readyz_reads for e in engines]
+
+        before = between_checks()
+        await until(
+            lambda: all(b - a >= 3 for a, b in zip(before, between_checks(), strict=True)),
+            "three /load reads between health checks at every engine",
+        )
     finally:
         await runner.cleanup()
-    assert all(b - a >= 3 for a, b in zip(before, after, strict=True)), (before, after)
