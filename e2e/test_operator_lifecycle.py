@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +39,18 @@ def peering(crd: ControlPlane) -> ControlPlane:
     crd.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "kopf-peerings.yaml"))
     crd.kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev", "--timeout=60s")
     return crd
+
+
+def peer_priorities(k8s: ControlPlane) -> list[int]:
+    out = k8s.kubectl("get", "clusterkopfpeering", "modelfleet", "-o", "json", check=False)
+    if out.returncode != 0:
+        return []
+    return sorted(int(p["priority"]) for p in (json.loads(out.stdout).get("status") or {}).values())
+
+
+def reasons(k8s: ControlPlane, ns: str, name: str) -> set[str]:
+    out = k8s.kubectl("get", "events", "-n", ns, "--field-selector", f"involvedObject.name={name}", "-o", "json")
+    return {e["reason"] for e in json.loads(out.stdout)["items"]}
 
 
 def children(k8s: ControlPlane, ns: str) -> list[str]:
@@ -89,7 +100,10 @@ def test_killed_mid_reconcile_then_restarted_converges_without_duplicates(peerin
         versions = {
             d["metadata"]["name"]: d["metadata"]["generation"] for d in k8s.get_json("deploy", "-n", namespace)["items"]
         }
-        time.sleep(3)
+        # a positive event after the snapshot: a child deleted by hand is put back, so the operator has reconciled
+        # (d0 fully, with the same specs) since; a settled operator rewrote nothing meanwhile
+        k8s.kubectl("delete", "service/d0", "-n", namespace)
+        k8s.wait_for("service/d0 put back", lambda: "Restored" in reasons(k8s, namespace, "d0"), 60)
         again = {
             d["metadata"]["name"]: d["metadata"]["generation"] for d in k8s.get_json("deploy", "-n", namespace)["items"]
         }
@@ -117,8 +131,10 @@ def test_of_two_operators_exactly_one_acts_and_the_other_takes_over(peering, gpu
             lambda: k8s.kubectl("get", "deploy/one", "-n", namespace, check=False).returncode == 0,
             60,
         )
-        time.sleep(2)
-        assert "Creation is processed" in high.output()
+        high.wait_for_log("Creation is processed", 30)  # the resource is handled: by now low would have acted too
+        # low is alive and in the peering beside high (its silence is the pause, not a dead process)
+        k8s.wait_for("both operators in the peering", lambda: peer_priorities(k8s) == [10, 20], 30)
+        assert low.proc.poll() is None
         assert "Creation is processed" not in low.output()
         high.stop()  # graceful exit withdraws its peering record
         low.wait_for_log("Resuming", 60)
