@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from modelfleet.dataplane.engine.core import EngineCore
 from modelfleet.dataplane.engine.faults import FaultInjector
-from modelfleet.dataplane.engine.metrics import EngineMetrics
+from modelfleet.dataplane.engine.metrics import EngineMetrics, ModelServerCollector
 from modelfleet.dataplane.engine.pooling import Embedder, PoolingService, require_mode
 from modelfleet.dataplane.engine.prefix_keys import PREFIX_KEY_HEADER, RecentPrefixKeys
 from modelfleet.dataplane.engine.service import EngineService, upstream_api_error
@@ -72,6 +72,10 @@ class EngineState:
         self.metrics = metrics
         self.worker = EngineWorker(runner, metrics)
         self.core = EngineCore(self.worker, spec.engine, metrics)
+        stats = getattr(runner, "runtime_stats", None)
+        metrics.registry.register(
+            ModelServerCollector(self.core.load, stats if callable(stats) else dict, spec.model.name)
+        )
         self.fault_injector = fault_injector
         if fault_injector is not None:
             if not hasattr(runner, "fault_hook"):

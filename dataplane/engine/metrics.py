@@ -155,3 +155,45 @@ def watch_runner(metrics: EngineMetrics, runner: object, *, tier: str = "local")
     source = getattr(runner, "runtime_stats", None)
     if callable(source):
         metrics.registry.register(RuntimeStatsCollector(source, {"tier": tier}))
+
+
+class ModelServerCollector(Collector):
+    """The model-server metrics protocol that Kubernetes inference routers scrape (the Gateway API
+    Inference Extension's endpoint picker, llm-d's router): vLLM's metric names, computed from this
+    engine's own queue and KV cache at scrape time, so a router written for vLLM reads a torch engine
+    the same way.
+
+    ``vllm:num_requests_waiting`` / ``vllm:num_requests_running`` (gauges), ``vllm:kv_cache_usage_perc``
+    (gauge, a fraction 0..1 as in vLLM), ``vllm:cache_config_info`` (gauge 1 with ``block_size`` and
+    ``num_gpu_blocks`` labels). The KV families appear only for runners with a paged cache.
+    """
+
+    def __init__(
+        self, load: Callable[[], dict[str, int | float]], stats: Callable[[], dict[str, float]], model_name: str
+    ) -> None:
+        self.load = load
+        self.stats = stats
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        load = self.load()
+        labels = ["model_name"]
+        for name, key, text in (
+            ("vllm:num_requests_waiting", "queued", "Requests waiting to be admitted"),
+            ("vllm:num_requests_running", "running", "Requests holding a decode slot"),
+        ):
+            family = GaugeMetricFamily(name, text, labels=labels)
+            family.add_metric([self.model_name], float(load[key]))
+            yield family
+        stats = self.stats()
+        total = stats.get("kv_blocks_total")
+        if not total:
+            return
+        usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache usage (1 = full)", labels=labels)
+        usage.add_metric([self.model_name], float(stats.get("kv_blocks_used", 0.0)) / float(total))
+        yield usage
+        info = GaugeMetricFamily(
+            "vllm:cache_config_info", "KV-cache configuration", labels=[*labels, "block_size", "num_gpu_blocks"]
+        )
+        info.add_metric([self.model_name, str(int(stats.get("kv_block_size", 0))), str(int(total))], 1.0)
+        yield info

@@ -317,6 +317,7 @@ class TorchRunner:
             cache = paged.cache
             stats.update(
                 kv_blocks_total=cache.num_blocks,
+                kv_block_size=cache.block_size,
                 kv_blocks_used=cache.used_blocks,
                 kv_blocks_cached=cache.cached_blocks,
                 prefix_queries=cache.prefix_queries,

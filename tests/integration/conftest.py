@@ -120,6 +120,7 @@ def start_stack(
             raise AssertionError(f"modelfleet up exited with {proc.returncode}:\n{stack.output()[-4000:]}")
         if time.monotonic() > deadline:
             proc.kill()
+            proc.wait(30)
             raise AssertionError(f"modelfleet up not ready after {timeout} s:\n{stack.output()[-4000:]}")
         time.sleep(0.2)
     return stack
@@ -131,7 +132,14 @@ def stop_stack(stack: Stack, timeout: float = 30) -> set[int]:
         client.close()
     before = descendants(stack.proc.pid)
     stack.proc.send_signal(signal.SIGTERM)
-    stack.proc.wait(timeout)
+    try:
+        stack.proc.wait(timeout)
+    except subprocess.TimeoutExpired:  # reap it either way: a launcher left running outlives the test run
+        stack.proc.kill()
+        stack.proc.wait(30)
+        raise AssertionError(
+            f"modelfleet up did not stop within {timeout} s of SIGTERM:\n{stack.output()[-4000:]}"
+        ) from None
     return before
 
 
