@@ -38,6 +38,7 @@ Needs root and Linux. Example::
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ipaddress
 import json
 import os
@@ -50,7 +51,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -62,6 +63,7 @@ __all__ = [
     "NODE_TAINT",
     "NodeError",
     "RealNode",
+    "modelfleet_images",
     "node_cache_dir",
     "node_images",
     "node_users",
@@ -108,16 +110,24 @@ class Image:
     image_id: str  # config digest: what kubelet reports as a container's imageID
 
 
-def node_images() -> dict[str, Image]:
-    """The images ``scripts/node-install.sh`` built (``images.txt``), by role (pause, busybox)."""
-    index = node_cache_dir() / "images" / "images.txt"
+def _read_images(index: Path, hint: str) -> dict[str, Image]:
     if not index.is_file():
-        raise MissingBinariesError(f"{index} is missing; {_INSTALL_HINT}")
+        raise MissingBinariesError(f"{index} is missing; {hint}")
     out = {}
     for line in index.read_text().splitlines():
         role, ref, archive, digest, image_id = line.split()
         out[role] = Image(role, ref, Path(archive), digest, image_id)
     return out
+
+
+def node_images() -> dict[str, Image]:
+    """The images ``scripts/node-install.sh`` built (``images.txt``), by role (pause, busybox)."""
+    return _read_images(node_cache_dir() / "images" / "images.txt", _INSTALL_HINT)
+
+
+def modelfleet_images() -> dict[str, Image]:
+    """ModelFleet's own images that ``scripts/images.sh`` built from docker/, by name (modelfleet, ...)."""
+    return _read_images(node_cache_dir().parent / "images" / "images.txt", "run `scripts/images.sh` (as root)")
 
 
 # --------------------------------------------------------------------- forwarder
@@ -332,12 +342,18 @@ class RealNode:
         kube_proxy: bool = True,
         startup_timeout: float = 120.0,
         keep_workdir: bool | None = None,
+        extra_images: Sequence[str | os.PathLike[str]] = (),
+        taint: bool = True,
     ) -> None:
+        """``extra_images``: more OCI/docker image archives to import (e.g. ModelFleet's own images).
+        ``taint``: register with :data:`NODE_TAINT` (keep it when kwok nodes share the cluster)."""
         global _counter
         _counter += 1
         self.cp = cp
         self.name = name
         self.with_kube_proxy = kube_proxy
+        self.extra_images = [Path(p) for p in extra_images]
+        self.taint = taint
         self.startup_timeout = startup_timeout
         if keep_workdir is None:
             keep_workdir = os.environ.get("MODELFLEET_K8S_KEEP", "") not in ("", "0", "false")
@@ -356,6 +372,7 @@ class RealNode:
         self._created_dirs: list[Path] = []
         self._created_cgroups: list[Path] = []
         self._started = False
+        self.import_s: dict[str, float] = {}
 
     # -------------------------------------------------------------- lifecycle
 
@@ -646,7 +663,7 @@ class RealNode:
             "clusterDomain": "cluster.local",
             "podLogsDir": str(w / "pod-logs"),
             "volumePluginDir": str(w / "volume-plugins"),
-            "registerWithTaints": [NODE_TAINT],
+            "registerWithTaints": [NODE_TAINT] if self.taint else [],
             "evictionHard": {
                 "memory.available": "50Mi",
                 "nodefs.available": "1%",
@@ -782,6 +799,10 @@ class RealNode:
     def _import_images(self) -> None:
         for img in self.images.values():
             self.ctr("images", "import", str(img.archive), timeout=120)
+        for archive in self.extra_images:
+            t0 = time.monotonic()
+            self.ctr("images", "import", str(archive), timeout=600)
+            self.import_s[archive.name] = time.monotonic() - t0
         listed = self.ctr("images", "ls", "-q").stdout.split()
         missing = [i.ref for i in self.images.values() if i.ref not in listed]
         if missing:
@@ -850,6 +871,31 @@ class RealNode:
         }
         self.cp.apply(slice_)
 
+    def in_netns(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call ``fn`` on a thread that lives in the node's network namespace (setns is per thread):
+        its sockets reach ClusterIPs and pod IPs as a client on the node would."""
+        result: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                libc = ctypes.CDLL("libc.so.6", use_errno=True)
+                fd = os.open(f"/run/netns/{self.netns}", os.O_RDONLY)
+                try:
+                    if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+                        raise OSError(ctypes.get_errno(), f"setns into {self.netns}")
+                finally:
+                    os.close(fd)
+                result["value"] = fn(*args, **kwargs)
+            except BaseException as e:  # re-raised on the caller's thread
+                result["error"] = e
+
+        t = threading.Thread(target=target, name=f"in-{self.netns}")
+        t.start()
+        t.join()
+        if "error" in result:
+            raise result["error"]
+        return result.get("value")
+
     def dump_logs(self, tail_lines: int = 60) -> str:
         out = []
         for p in sorted(self.cp.log_dir.glob(f"node-{self.name}-*.log")) if self.cp.workdir != Path() else []:
@@ -867,10 +913,11 @@ def cluster_with_real_node(name: str = "mf-node-0", **cp_kwargs: Any) -> Iterato
     cp_kwargs.setdefault("controller_manager", True)
     cp_kwargs.setdefault("scheduler", True)
     cp_kwargs.setdefault("extra_apiserver_args", NODE_APISERVER_ARGS)
+    extra_images = cp_kwargs.pop("extra_images", ())
     cp = ControlPlane(extra_users=node_users(name), **cp_kwargs)
     cp.start()
     try:
-        node = RealNode(cp, name)
+        node = RealNode(cp, name, extra_images=extra_images)
         node.start()
         try:
             yield cp, node
