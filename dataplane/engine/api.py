@@ -31,9 +31,10 @@ from pydantic import ValidationError
 from modelfleet.dataplane.engine.core import EngineCore
 from modelfleet.dataplane.engine.faults import FaultInjector
 from modelfleet.dataplane.engine.metrics import EngineMetrics, ModelServerCollector
-from modelfleet.dataplane.engine.pooling import Embedder, PoolingService, require_mode
+from modelfleet.dataplane.engine.passthrough import PassthroughService
+from modelfleet.dataplane.engine.pooling import ENDPOINT_MODES, Embedder, PoolingService, require_mode
 from modelfleet.dataplane.engine.prefix_keys import PREFIX_KEY_HEADER, RecentPrefixKeys
-from modelfleet.dataplane.engine.service import EngineService, upstream_api_error
+from modelfleet.dataplane.engine.service import EngineService, served_models
 from modelfleet.dataplane.engine.worker import EngineWorker
 from modelfleet.dataplane.httpserver import SSE_HEADERS, Handler, error_middleware, json_response
 from modelfleet.dataplane.protocol import (
@@ -44,14 +45,20 @@ from modelfleet.dataplane.protocol import (
     EmbeddingRequest,
     RerankRequest,
     WireModel,
-    model_not_found,
     parse_json_body,
     parse_priority,
     unavailable,
     validation_error,
 )
-from modelfleet.dataplane.runners.base import ModelRunner, TextCodec, UpstreamError
-from modelfleet.dataplane.spec import InferenceDeploymentSpec, Mode
+from modelfleet.dataplane.runners.base import (
+    CHAT,
+    COMPLETIONS,
+    FaultInjectable,
+    ModelRunner,
+    as_backend,
+    as_token_generator,
+)
+from modelfleet.dataplane.spec import InferenceDeploymentSpec
 
 log = logging.getLogger(__name__)
 
@@ -72,36 +79,57 @@ class EngineState:
         self.metrics = metrics
         self.worker = EngineWorker(runner, metrics)
         self.core = EngineCore(self.worker, spec.engine, metrics)
-        stats = getattr(runner, "runtime_stats", None)
-        metrics.registry.register(
-            ModelServerCollector(self.core.load, stats if callable(stats) else dict, spec.model.name)
-        )
+        metrics.registry.register(ModelServerCollector(self.core.load, runner.runtime_stats, spec.model.name))
+        self.capabilities = runner.capabilities
         self.fault_injector = fault_injector
         if fault_injector is not None:
-            if not hasattr(runner, "fault_hook"):
+            if not self.capabilities.fault_injection:
                 raise RuntimeError(f"{type(runner).__name__} has no fault_hook; fault injection needs one")
-            runner.fault_hook = fault_injector.check
-        self.service: EngineService | None = None
+            cast(FaultInjectable, runner).fault_hook = fault_injector.check
+        self.service: EngineService | None = None  # token generators: ModelFleet implements the API
         self.pooling: PoolingService | None = None  # embedding and rerank modes
+        self.passthrough: PassthroughService | None = None  # passthrough runners: the backend implements it
         self.load_error: str | None = None
         self.draining = False
         self.prefix_keys = RecentPrefixKeys()  # reported in /load for the sidecars' shared placement
 
     @property
     def progress(self) -> str:
-        return str(getattr(self.runner, "progress", "loading"))
+        return self.runner.progress
+
+    @property
+    def ready(self) -> bool:
+        return (self.service is not None or self.pooling is not None or self.passthrough is not None) and not (
+            self.draining
+        )
+
+    def _not_ready(self) -> ApiError:
+        return unavailable(5, f"The model is not ready yet ({self.progress}).")
 
     def ready_service(self) -> EngineService:
         if self.service is None or self.draining:
-            raise unavailable(5, f"The model is not ready yet ({self.progress}).")
+            raise self._not_ready()
         return self.service
+
+    def ready_passthrough(self) -> PassthroughService:
+        if self.passthrough is None or self.draining:
+            raise self._not_ready()
+        return self.passthrough
+
+
+async def _passthrough(state: EngineState, request: web.Request, endpoint: str) -> web.StreamResponse:
+    """A passthrough runner's request: forwarded as sent, its answer relayed (engine/passthrough.py)."""
+    require_mode(state.spec, endpoint)
+    return await state.ready_passthrough().handle(request, endpoint, lambda: _load_headers(state))
 
 
 async def _openai(
-    request: web.Request, model: type[ChatCompletionRequest] | type[CompletionRequest]
+    request: web.Request, endpoint: str, model: type[ChatCompletionRequest] | type[CompletionRequest]
 ) -> web.StreamResponse:
     state = request.app[STATE]
-    require_mode(state.spec, request.path)
+    if state.capabilities.passthrough:
+        return await _passthrough(state, request, endpoint)
+    require_mode(state.spec, endpoint)
     body = _drop_sglang_defaults(parse_json_body(await request.read()))
     try:
         req = model.model_validate(body)
@@ -109,7 +137,7 @@ async def _openai(
         raise validation_error(exc.errors(include_url=False)) from None
     priority = parse_priority(request.headers.get(PRIORITY_HEADER))
     service = state.ready_service()
-    prep = await service.prepare(req, request.headers.get("x-request-id"), priority, body)
+    prep = await service.prepare(req, request.headers.get("x-request-id"), priority)
     state.prefix_keys.note(request.headers.get(PREFIX_KEY_HEADER))
     headers = {"x-request-id": prep.request_id, **_load_headers(state)}
     if not prep.stream:
@@ -126,11 +154,11 @@ async def _openai(
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _openai(request, ChatCompletionRequest)
+    return await _openai(request, CHAT, ChatCompletionRequest)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    return await _openai(request, CompletionRequest)
+    return await _openai(request, COMPLETIONS, CompletionRequest)
 
 
 W = TypeVar("W", bound=WireModel)
@@ -146,25 +174,10 @@ def _pooling_request(state: EngineState, endpoint: str, model: type[W], raw: byt
         raise validation_error(exc.errors(include_url=False)) from None
 
 
-async def _pool(
-    state: EngineState, endpoint: str, body: dict[str, Any], req: WireModel, request_id: str | None
-) -> dict[str, Any]:
-    """The answer of an embedding or rerank request: computed here, or by the hosted API a forwarding runner
-    calls (checked here, computed there)."""
-    forward = getattr(state.runner, "forward_json", None)
-    if forward is not None:
-        name = str(getattr(req, "model", ""))
-        if name not in state.spec.served_names():
-            raise model_not_found(name)
-        state.ready_service()
-        try:
-            answer: dict[str, Any] = await forward(endpoint, body)
-        except UpstreamError as exc:
-            raise upstream_api_error(exc) from None
-        return {**answer, "model": name}
-    state.ready_service()
-    if state.pooling is None:
-        raise unavailable(5, f"The model is not ready yet ({state.progress}).")
+async def _pool(state: EngineState, req: WireModel, request_id: str | None) -> dict[str, Any]:
+    """The answer of an embedding or rerank request, computed here."""
+    if state.pooling is None or state.draining:
+        raise state._not_ready()
     if isinstance(req, EmbeddingRequest):
         return await state.pooling.embeddings(req, request_id)
     assert isinstance(req, RerankRequest)
@@ -172,10 +185,12 @@ async def _pool(
 
 
 def _pooling_route(endpoint: str, model: type[EmbeddingRequest] | type[RerankRequest]) -> Handler:
-    async def handle(request: web.Request) -> web.Response:
+    async def handle(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE]
-        body, req = _pooling_request(state, endpoint, model, await request.read())
-        return json_response(await _pool(state, endpoint, body, req, request.headers.get("x-request-id")))
+        if state.capabilities.passthrough:
+            return await _passthrough(state, request, endpoint)
+        _body, req = _pooling_request(state, endpoint, model, await request.read())
+        return json_response(await _pool(state, req, request.headers.get("x-request-id")))
 
     return handle
 
@@ -186,7 +201,7 @@ rerank = _pooling_route("/v1/rerank", RerankRequest)
 
 async def models(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    return json_response(state.service.models() if state.service else {"object": "list", "data": []})
+    return json_response(served_models(state.spec) if state.ready else {"object": "list", "data": []})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -202,7 +217,7 @@ async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.worker.rebuilding and not state.draining:
         return json_response({"status": "rebuilding", **state.worker.status()}, status=503)
-    if state.service is not None and not state.draining:
+    if state.ready:
         return json_response({"status": "ready", "progress": state.progress})
     status = "draining" if state.draining else ("failed" if state.load_error else "loading")
     return json_response({"status": status, "progress": state.load_error or state.progress}, status=503)
@@ -210,7 +225,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def load(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    ready = state.service is not None and not state.worker.rebuilding
+    ready = state.ready and not state.worker.rebuilding
     body: dict[str, object] = {
         **state.core.load(),
         "ready": ready,
@@ -243,10 +258,7 @@ SGLANG_DEFAULTS: dict[str, object] = {
 
 def _runtime_load(state: EngineState) -> dict[str, float]:
     """KV usage and prefix-cache hit rate from the runner's counters (runners without them: nothing)."""
-    stats = getattr(state.runner, "runtime_stats", None)
-    if not callable(stats):
-        return {}
-    runtime = stats()
+    runtime = state.runner.runtime_stats()
     out: dict[str, float] = {}
     if runtime.get("kv_blocks_total"):
         out["kv_usage"] = round(runtime["kv_blocks_used"] / runtime["kv_blocks_total"], 4)
@@ -272,7 +284,7 @@ def _drop_sglang_defaults(body: dict[str, object]) -> dict[str, object]:
 async def health(request: web.Request) -> web.Response:
     """SGLang's health probe: 200 when the engine takes requests (like /readyz), 503 otherwise."""
     state = request.app[STATE]
-    if state.service is not None and not state.draining and not state.worker.rebuilding:
+    if state.ready and not state.worker.rebuilding:
         return json_response({"status": "ok"})
     return json_response({"status": "unavailable", "progress": state.load_error or state.progress}, status=503)
 
@@ -349,19 +361,19 @@ async def _load_model(state: EngineState) -> None:
         state.load_error = f"{type(exc).__name__}: {exc}"
         log.error("loading the model failed: %s", state.load_error)
         return
-    codec = getattr(state.runner, "codec", None)
-    if getattr(state.runner, "forwards_openai", False):
-        codec = None  # it forwards the client's request; the upstream tokenizes
-    elif not isinstance(codec, TextCodec):
-        state.load_error = "runner has no tokenizer"
+    caps = state.capabilities
+    wanted = next(e for e, mode in ENDPOINT_MODES.items() if mode is state.spec.model.mode)
+    if wanted not in caps.endpoints:
+        state.load_error = f"runtime {state.spec.runtime.kind.value} cannot serve mode {state.spec.model.mode.value}"
         return
-    if state.spec.model.mode is not Mode.COMPLETION and codec is not None:  # forwarding runners answer themselves
-        if not hasattr(state.runner, "embed"):
-            state.load_error = (
-                f"runtime {state.spec.runtime.kind.value} cannot serve mode {state.spec.model.mode.value}"
-            )
-            return
+    if caps.passthrough:  # the backend tokenizes and answers; the engine relays
+        state.passthrough = PassthroughService(state.spec, state.core, as_backend(state.runner), state.metrics)
+    elif caps.embeds:
         state.pooling = PoolingService(state.spec, cast(Embedder, state.runner), state.metrics)
-    misdirected = getattr(state.runner, "misdirected_status", 404)  # 421 from vLLM and SGLang runners
-    state.service = EngineService(state.spec, state.core, codec, misdirected_status=misdirected)
+    else:
+        codec = as_token_generator(state.runner).codec
+        if codec is None:
+            state.load_error = "runner has no tokenizer"
+            return
+        state.service = EngineService(state.spec, state.core, codec)
     log.info("engine ready: %s", ", ".join(state.spec.served_names()))

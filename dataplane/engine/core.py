@@ -19,6 +19,7 @@ SGLang) see only admitted sequences, through the worker that supervises them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -47,8 +48,8 @@ class _Waiter:
 
 
 def queue_cost(request: SequenceRequest) -> int:
-    """Tokens a request counts for in the queue: its prompt (estimated, when forwarded) plus the most it may generate."""
-    return len(request.prompt_token_ids) + request.prompt_tokens_estimate + request.sampling.max_tokens
+    """Tokens a request counts for in the queue: its prompt plus the most it may generate."""
+    return len(request.prompt_token_ids) + request.sampling.max_tokens
 
 
 class EngineCore:
@@ -150,14 +151,23 @@ class EngineCore:
 
     async def generate(self, request: SequenceRequest) -> AsyncIterator[TokenChunk]:
         """Admit the sequence, then stream its chunks through the worker."""
+        async with self.admitted(request.priority, queue_cost(request)):
+            async for chunk in self.worker.execute(request):
+                yield chunk
+
+    @contextlib.asynccontextmanager
+    async def admitted(self, priority: int, tokens: int) -> AsyncIterator[None]:
+        """Hold one of the ``maxNumSeqs`` slots for the block (waiting for it in the queue, or refused with 429).
+
+        ``tokens``: what the request counts for in the queue (its prompt plus the most it may generate; an
+        estimate for a passthrough runner's request, whose backend tokenizes)."""
         enqueued = time.perf_counter()
-        await self._acquire(request.priority, queue_cost(request))
+        await self._acquire(priority, tokens)
         self.metrics.queue_seconds.observe(time.perf_counter() - enqueued)
         self._publish()
         admitted = time.perf_counter()
         try:
-            async for chunk in self.worker.execute(request):
-                yield chunk
+            yield
         finally:
             took = time.perf_counter() - admitted
             self._service_s = took if self._service_s is None else 0.8 * self._service_s + 0.2 * took

@@ -1,7 +1,9 @@
-"""OpenAI semantics on top of the engine core: tokenize, check limits, format.
+"""OpenAI semantics on top of the engine core for token generators: tokenize, check limits, format.
 
 The engine answers the same OpenAI-compatible API as the gateway, so the
-sidecar and gateway forward bytes instead of translating them.
+sidecar and gateway forward bytes instead of translating them. Passthrough
+runners (vLLM, SGLang, remote) are served by engine/passthrough.py instead:
+their backend implements the API.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from modelfleet.dataplane.protocol import (
     model_not_found,
 )
 from modelfleet.dataplane.runners.base import (
-    OpenAIRequest,
     RunnerError,
     SamplingParams,
     SequenceRequest,
@@ -33,7 +34,6 @@ from modelfleet.dataplane.runners.base import (
     TokenChunk,
     UpstreamError,
 )
-from modelfleet.dataplane.runners.openai_stream import estimate_tokens
 from modelfleet.dataplane.spec import InferenceDeploymentSpec
 
 
@@ -75,6 +75,47 @@ def runner_failure(what: str, exc: RunnerError, request_id: str) -> ApiError:
     )
 
 
+def runner_api_error(exc: RunnerError, what: str, request_id: str) -> ApiError:
+    """What the client gets for a runner's failure: a retriable 503 while the replica rebuilds, a provider's
+    (or a passthrough runner's own) refusal as it is, else the generic 500 of ``runner_failure``."""
+    if isinstance(exc, EngineRebuildingError):
+        return ApiError(
+            503,
+            f"{exc} Retry after {exc.retry_after_s} s.",
+            type="service_unavailable",
+            code="engine_rebuilding",
+            headers={"Retry-After": str(exc.retry_after_s)},
+        )
+    if isinstance(exc, UpstreamError):
+        return upstream_api_error(exc)
+    return runner_failure(what, exc, request_id)
+
+
+def served_model_check(spec: InferenceDeploymentSpec, model: str, misdirected_status: int) -> None:
+    """Nothing when this replica serves the model; else 404 model_not_found, or 421 Misdirected Request for
+    runners whose process serves exactly one model (vLLM, SGLang; docs/runners.md)."""
+    if model in spec.served_names():
+        return
+    if misdirected_status == 421:
+        raise ApiError(
+            421,
+            f"This server does not serve the model '{model}'; it serves {spec.model.name}.",
+            param="model",
+            code="misdirected_request",
+        )
+    raise model_not_found(model)
+
+
+def served_models(spec: InferenceDeploymentSpec) -> dict[str, Any]:
+    """``GET /v1/models``: the deployment's model and its aliases."""
+    return {
+        "object": "list",
+        "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "modelfleet"} for name in spec.served_names()
+        ],
+    }
+
+
 def upstream_api_error(exc: UpstreamError) -> ApiError:
     """A forwarding runner's refusal as the client gets it: the upstream's (or the runner's own) status,
     type, code and message, with its Retry-After."""
@@ -85,50 +126,17 @@ def upstream_api_error(exc: UpstreamError) -> ApiError:
 class EngineService:
     """Turns OpenAI requests into runner sequences and chunks into responses."""
 
-    def __init__(
-        self, spec: InferenceDeploymentSpec, core: EngineCore, codec: TextCodec | None, *, misdirected_status: int = 404
-    ) -> None:
-        """``codec`` None: the runner forwards the client's request to an OpenAI-compatible server.
-
-        ``misdirected_status``: the answer to a request for a model this replica does not serve: 404
-        model_not_found, or 421 Misdirected Request for runners whose process serves one model
-        (vLLM, SGLang; docs/runners.md).
-        """
+    def __init__(self, spec: InferenceDeploymentSpec, core: EngineCore, codec: TextCodec) -> None:
         self.spec = spec
         self.core = core
         self.codec = codec
-        self.misdirected_status = misdirected_status
         self.max_model_len = spec.engine.max_model_len
 
-    def models(self) -> dict[str, Any]:
-        created = 0
-        return {
-            "object": "list",
-            "data": [
-                {"id": name, "object": "model", "created": created, "owned_by": "modelfleet"}
-                for name in self.spec.served_names()
-            ],
-        }
-
     async def prepare(
-        self,
-        req: ChatCompletionRequest | CompletionRequest,
-        request_id: str | None,
-        priority: int = 0,
-        body: dict[str, Any] | None = None,
+        self, req: ChatCompletionRequest | CompletionRequest, request_id: str | None, priority: int = 0
     ) -> Prepared:
-        """The request checked and turned into a sequence. ``body``: the JSON as sent, for forwarding runners."""
-        if req.model not in self.spec.served_names():
-            if self.misdirected_status == 421:
-                raise ApiError(
-                    421,
-                    f"This server does not serve the model '{req.model}'; it serves {self.spec.model.name}.",
-                    param="model",
-                    code="misdirected_request",
-                )
-            raise model_not_found(req.model)
-        if self.codec is None:
-            return self._prepare_forward(req, request_id, priority, body)
+        """The request checked and turned into a sequence."""
+        served_model_check(self.spec, req.model, 404)
         if isinstance(req, ChatCompletionRequest):
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
             prompt_ids = await asyncio.to_thread(self.codec.encode_chat, messages)
@@ -183,52 +191,6 @@ class EngineService:
             include_usage=req.wants_usage_in_stream(),
         )
 
-    def _prepare_forward(
-        self,
-        req: ChatCompletionRequest | CompletionRequest,
-        request_id: str | None,
-        priority: int,
-        body: dict[str, Any] | None,
-    ) -> Prepared:
-        """A forwarding runner's sequence: the client's body, and an estimate of the prompt's tokens.
-
-        The provider tokenizes and enforces its own context length (its 400
-        reaches the client as it is); the estimate only sizes queue and rate
-        accounting.
-        """
-        chat = isinstance(req, ChatCompletionRequest)
-        if isinstance(req, ChatCompletionRequest):
-            text = "".join(m.text() for m in req.messages)
-        else:
-            text = req.prompt if isinstance(req.prompt, str) else " ".join(str(p) for p in req.prompt)
-        rid = request_id or uuid.uuid4().hex
-        limit = req.token_limit()
-        sampling = SamplingParams(
-            max_tokens=limit if limit is not None else self.max_model_len,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            seed=req.seed,
-            stop=req.stop_list(),
-            ignore_eos=req.ignore_eos,
-        )
-        path = "/v1/chat/completions" if chat else "/v1/completions"
-        forwarded = dict(body) if body is not None else req.model_dump(exclude_none=True)
-        return Prepared(
-            kind="chat" if chat else "text",
-            request_id=rid,
-            model=req.model,
-            sequence=SequenceRequest(
-                request_id=rid,
-                prompt_token_ids=(),
-                sampling=sampling,
-                priority=priority,
-                openai=OpenAIRequest(path, forwarded),
-                prompt_tokens_estimate=estimate_tokens(text),
-            ),
-            stream=req.stream,
-            include_usage=req.wants_usage_in_stream(),
-        )
-
     async def _chunks(self, prep: Prepared) -> AsyncGenerator[TokenChunk]:
         metrics = self.core.metrics
         started = time.perf_counter()
@@ -252,18 +214,8 @@ class EngineService:
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
-        except EngineRebuildingError as exc:  # retriable: 503 before the first byte, an SSE error event after
-            raise ApiError(
-                503,
-                f"{exc} Retry after {exc.retry_after_s} s.",
-                type="service_unavailable",
-                code="engine_rebuilding",
-                headers={"Retry-After": str(exc.retry_after_s)},
-            ) from None
-        except UpstreamError as exc:  # a provider's refusal, or this runner's budget and rate limits
-            raise upstream_api_error(exc) from None
-        except RunnerError as exc:
-            raise runner_failure("Generation", exc, prep.request_id) from None
+        except RunnerError as exc:  # a rebuild: retriable 503 before the first byte, an SSE error event after
+            raise runner_api_error(exc, "Generation", prep.request_id) from None
         finally:
             metrics.requests.labels(outcome=outcome).inc()
             metrics.e2e_seconds.observe(time.perf_counter() - started)
@@ -274,7 +226,7 @@ class EngineService:
     @staticmethod
     def _usage(chunk: TokenChunk | None, prompt_tokens: int) -> dict[str, int]:
         completion = chunk.completion_tokens if chunk else 0
-        prompt_tokens = chunk.prompt_tokens if chunk else prompt_tokens  # a forwarding runner's come from upstream
+        prompt_tokens = chunk.prompt_tokens if chunk else prompt_tokens
         return {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion,

@@ -42,13 +42,17 @@ from typing import Any
 
 from modelfleet.dataplane.engine.metrics import EngineMetrics
 from modelfleet.dataplane.runners.base import (
+    BackendResponse,
     ContextFaultError,
     ExecuteBatch,
     ModelRunner,
+    OpenAICall,
     RunnerError,
     SequenceRequest,
     SessionRebuildCause,
     TokenChunk,
+    as_backend,
+    as_token_generator,
 )
 
 log = logging.getLogger(__name__)
@@ -105,7 +109,8 @@ class EngineWorker:
         return max(1, math.ceil(self._backoff_s + self._rebuild_s))
 
     async def execute(self, request: SequenceRequest) -> AsyncIterator[TokenChunk]:
-        """Stream one sequence's chunks, across rebuilds of the runner's session."""
+        """Stream one sequence's chunks, across rebuilds of the runner's session (a token generator)."""
+        runner = as_token_generator(self.runner)
         handed_out = list(request.resume_token_ids)
         resumes = 0
         while True:
@@ -113,26 +118,54 @@ class EngineWorker:
             session = self._session
             attempt = replace(request, resume_token_ids=tuple(handed_out))
             try:
-                async for chunk in self.runner.execute(ExecuteBatch((attempt,))):
+                async for chunk in runner.execute(ExecuteBatch((attempt,))):
                     handed_out.extend(chunk.token_ids)
                     yield chunk
                 return
             except ContextFaultError as exc:
                 self._on_fault(session, exc)
-                cause = exc.cause
-            if resumes >= self.max_resumes:
-                self.metrics.retriable_failures.inc()
-                what = (
-                    "The replica's device failed"
-                    if cause is SessionRebuildCause.DEVICE_CONTEXT_POISONED
-                    else f"The replica's session broke ({cause.value})"
-                )
-                raise EngineRebuildingError(
-                    f"{what} {resumes + 1} times during this request and is being rebuilt.", self.retry_after_s()
-                )
-            resumes += 1
-            self.metrics.resumed.inc()
+                resumes = self._resubmit(exc.cause, resumes)
             log.info("resuming %s after %d tokens (resume %d)", request.request_id, len(handed_out), resumes)
+
+    async def open(self, call: OpenAICall) -> tuple[BackendResponse, bytes]:
+        """A passthrough runner's answer to the call and the first bytes of its body, across rebuilds.
+
+        The backend is asked again after a rebuild as long as none of its answer's bytes were read (a
+        backend that died before answering, a rotated credential); after that, a failure is the
+        response's own."""
+        runner = as_backend(self.runner)
+        resumes = 0
+        while True:
+            await self._wait_for_rebuild()
+            session = self._session
+            try:
+                resp = await runner.open(call)
+                try:
+                    first = await anext(resp.chunks, b"")
+                except BaseException:
+                    resp.finish(None)
+                    await resp.aclose()
+                    raise
+                return resp, first
+            except ContextFaultError as exc:
+                self._on_fault(session, exc)
+                resumes = self._resubmit(exc.cause, resumes)
+            log.info("sending %s again after the rebuild (attempt %d)", call.request_id, resumes + 1)
+
+    def _resubmit(self, cause: SessionRebuildCause, resumes: int) -> int:
+        """After a fault: the count of resubmissions so far plus this one, or EngineRebuildingError past the bound."""
+        if resumes >= self.max_resumes:
+            self.metrics.retriable_failures.inc()
+            what = (
+                "The replica's device failed"
+                if cause is SessionRebuildCause.DEVICE_CONTEXT_POISONED
+                else f"The replica's session broke ({cause.value})"
+            )
+            raise EngineRebuildingError(
+                f"{what} {resumes + 1} times during this request and is being rebuilt.", self.retry_after_s()
+            )
+        self.metrics.resumed.inc()
+        return resumes + 1
 
     async def _wait_for_rebuild(self) -> None:
         attempt = self._attempt

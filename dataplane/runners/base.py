@@ -1,40 +1,68 @@
-"""The ModelRunner protocol and the plain data it speaks.
+"""The ModelRunner protocol, its two families, and the plain data they speak.
 
 A runner is the seam between the engine core and a runtime: in-process torch,
 a vLLM or SGLang server on a Unix socket, or a hosted OpenAI-compatible API.
-Every runner streams the same ``TokenChunk`` objects, so everything above it
-(engine core, sidecar, gateway) is runtime-agnostic.
+Every runner declares a ``RunnerCapabilities`` record; the engine reads it,
+never probes the runner's attributes. Its ``family`` says who implements the
+OpenAI API:
+
+- ``token_generator`` (the torch runners): ModelFleet does. The engine
+  validates the request strictly, tokenizes it and builds the answer from the
+  ``TokenChunk`` objects the runner streams (``TokenGenerator.execute``), or
+  from the vectors an embedding runner computes.
+- ``openai_passthrough`` (vLLM, SGLang, remote): the backend does. The engine
+  forwards the client's JSON body (the model name and the stream's usage
+  request are the only rewrites, docs/openai-api.md) and relays the backend's
+  bytes (``OpenAIBackend.open``); it reads only the status, the first byte's
+  time and the usage.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
-from modelfleet.dataplane.spec import InferenceDeploymentSpec, RuntimeKind, WeightSource
+from modelfleet.dataplane.spec import RuntimeKind, WeightSource
 
 __all__ = [
+    "CHAT",
+    "COMPLETIONS",
+    "EMBEDDINGS",
+    "RERANK",
+    "BackendResponse",
     "ContextFaultError",
     "DeviceContext",
     "ExecuteBatch",
+    "FaultInjectable",
     "FinishReason",
     "ModelRunner",
-    "OpenAIRequest",
-    "RateLimits",
-    "RequiredMemory",
+    "OpenAIBackend",
+    "OpenAICall",
+    "RunnerCapabilities",
     "RunnerError",
+    "RunnerFamily",
     "RuntimeKind",
     "SamplingParams",
     "SequenceRequest",
     "SessionRebuildCause",
     "TextCodec",
     "TokenChunk",
+    "TokenGenerator",
     "TransportKind",
     "UpstreamError",
+    "Usage",
     "WeightSource",
+    "as_backend",
+    "as_token_generator",
 ]
+
+# The OpenAI routes an engine serves (a runner's ``capabilities.endpoints`` says which of them it can answer)
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+EMBEDDINGS = "/v1/embeddings"
+RERANK = "/v1/rerank"
 
 
 class TransportKind(StrEnum):
@@ -109,18 +137,6 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
-class OpenAIRequest:
-    """The client's request as sent, for runners that forward to an OpenAI-compatible server.
-
-    ``path`` is ``/v1/chat/completions`` or ``/v1/completions``; ``body`` the
-    parsed JSON body (the runner sets its own ``model`` and ``stream``).
-    """
-
-    path: str
-    body: Mapping[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
 class SequenceRequest:
     """One sequence to generate: already tokenized, with its sampling settings.
 
@@ -135,8 +151,6 @@ class SequenceRequest:
     sampling: SamplingParams
     priority: int = 0
     resume_token_ids: tuple[int, ...] = ()
-    openai: OpenAIRequest | None = None  # set when the runner forwards requests (no token ids then)
-    prompt_tokens_estimate: int = 0  # forwarding runners: the prompt's size, estimated, for queue and rate accounting
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,23 +183,6 @@ class DeviceContext:
     device: str
 
 
-@dataclass(frozen=True, slots=True)
-class RateLimits:
-    """Declared limits of a remote provider."""
-
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RequiredMemory:
-    """Working memory a replica needs, used by placement."""
-
-    ram_bytes: int
-    vram_bytes: int
-    detail: dict[str, int] = field(default_factory=dict)
-
-
 @runtime_checkable
 class TextCodec(Protocol):
     """Tokenization for runners that see token ids (local runtimes)."""
@@ -195,25 +192,154 @@ class TextCodec(Protocol):
     def encode_text(self, text: str) -> list[int]: ...
 
 
-class ModelRunner(Protocol):
-    """What every runtime implements. See DESIGN.md, "The runner protocol"."""
+class RunnerFamily(StrEnum):
+    """Who implements the OpenAI API for a runner (see the module's docstring)."""
 
+    OPENAI_PASSTHROUGH = "openai_passthrough"
+    TOKEN_GENERATOR = "token_generator"
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerCapabilities:
+    """What a runner is and can do, declared by its class; the engine decides from this record alone.
+
+    ``endpoints``: the OpenAI routes it answers (``CHAT``, ``COMPLETIONS``, ``EMBEDDINGS``, ``RERANK``).
+    ``one_model_per_process``: its backend serves exactly one model, so a request naming another one
+    reached the wrong process: 421 Misdirected Request instead of 404 (docs/runners.md).
+    ``fault_injection``: it has a ``fault_hook`` the engine's test-only fault injector may set
+    (``FaultInjectable``). ``embeds``: a token generator that computes vectors instead of text
+    (``engine.pooling.Embedder``).
+    """
+
+    family: RunnerFamily
+    endpoints: frozenset[str]
+    one_model_per_process: bool = False
+    fault_injection: bool = False
+    embeds: bool = False
+
+    @property
+    def passthrough(self) -> bool:
+        """Requests go to an OpenAI-compatible backend as sent; unknown fields are the backend's to judge."""
+        return self.family is RunnerFamily.OPENAI_PASSTHROUGH
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts as an OpenAI-compatible backend reported them (its ``usage`` object)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAICall:
+    """One request for a passthrough runner's backend.
+
+    ``body`` is the JSON to send, already rewritten by the engine (the backend's model name; usage asked
+    for in a stream). ``prompt_tokens_estimate`` and ``max_tokens`` (n x the completion limit; 0 for
+    embeddings and rerank) size rate limits and spend before the backend's usage is known.
+    """
+
+    request_id: str
+    path: str
+    body: bytes
+    stream: bool
+    prompt_tokens_estimate: int
+    max_tokens: int
+
+
+class BackendResponse:
+    """A backend's answer as the engine relays it: status, the headers worth keeping, the body's bytes.
+
+    ``chunks`` yields the body as it arrives. Before its first bytes it raises ``ContextFaultError`` when
+    the backend itself is gone (the worker rebuilds and resubmits), after them ``RunnerError`` (the client
+    has part of the answer: it can only be failed). ``finish(usage)`` is called once when the engine is
+    done with the answer, with the backend's usage when it sent one (a runner's cost and rate accounting);
+    ``aclose`` releases the connection.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        chunks: AsyncGenerator[bytes],
+        *,
+        close: Callable[[], Awaitable[None]] | None = None,
+        on_finish: Callable[[Usage | None], None] | None = None,
+    ) -> None:
+        self.status = status
+        self.headers = {k.lower(): v for k, v in headers.items()}  # looked up by lower-case name
+        self.chunks = chunks
+        self._close = close
+        self._on_finish = on_finish
+        self._finished = False
+
+    def finish(self, usage: Usage | None) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self._on_finish is not None:
+            self._on_finish(usage)
+
+    async def aclose(self) -> None:
+        await self.chunks.aclose()  # end the generator (and its finally) now, not at garbage collection
+        if self._close is not None:
+            await self._close()
+
+
+class ModelRunner(Protocol):
+    """What every runtime implements. See DESIGN.md, "The runner protocol", and the two families below."""
+
+    capabilities: RunnerCapabilities
     runtime_kind: RuntimeKind
     transport_kind: TransportKind
     gil_pinned: bool
+    progress: str  # what it is doing, for /readyz while it loads
 
     async def load_weights(self, ctx: DeviceContext | None, source: WeightSource) -> None: ...
 
-    def execute(self, batch: ExecuteBatch) -> AsyncIterator[TokenChunk]: ...
-
-    async def abort(self, request_id: str) -> None: ...
-
     async def rebuild_session(self, cause: SessionRebuildCause) -> None: ...
 
-    def rate_limits(self) -> RateLimits | None: ...
-
-    def estimate_cost_usd(self, batch: ExecuteBatch) -> float: ...
-
-    def required_memory(self, spec: InferenceDeploymentSpec) -> RequiredMemory: ...
+    def runtime_stats(self) -> dict[str, float]: ...
 
     async def close(self) -> None: ...
+
+
+class TokenGenerator(ModelRunner, Protocol):
+    """Family ``token_generator``: ModelFleet implements the OpenAI API on the tokens it streams."""
+
+    @property
+    def codec(self) -> TextCodec | None: ...  # None until the weights are loaded
+
+    def execute(self, batch: ExecuteBatch) -> AsyncIterator[TokenChunk]: ...
+
+
+class OpenAIBackend(ModelRunner, Protocol):
+    """Family ``openai_passthrough``: an OpenAI-compatible backend answers; the engine relays its bytes."""
+
+    @property
+    def backend_model(self) -> str: ...  # the model name the backend serves (what ``model`` is rewritten to)
+
+    async def open(self, call: OpenAICall) -> BackendResponse: ...
+
+
+class FaultInjectable(Protocol):
+    """A runner with ``capabilities.fault_injection``: the injector's check runs once per step with work."""
+
+    fault_hook: Callable[[], None] | None
+
+
+def as_token_generator(runner: ModelRunner) -> TokenGenerator:
+    """The runner as a token generator, by its declared family (a RunnerError for a passthrough runner)."""
+    if runner.capabilities.family is not RunnerFamily.TOKEN_GENERATOR:
+        raise RunnerError(
+            f"{type(runner).__name__} is a {runner.capabilities.family.value} runner, not a token generator"
+        )
+    return cast(TokenGenerator, runner)
+
+
+def as_backend(runner: ModelRunner) -> OpenAIBackend:
+    """The runner as an OpenAI-compatible backend, by its declared family (a RunnerError otherwise)."""
+    if runner.capabilities.family is not RunnerFamily.OPENAI_PASSTHROUGH:
+        raise RunnerError(f"{type(runner).__name__} is a {runner.capabilities.family.value} runner, not a passthrough")
+    return cast(OpenAIBackend, runner)

@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from modelfleet.dataplane.runners.base import (
+    EMBEDDINGS,
+    RERANK,
     DeviceContext,
     ExecuteBatch,
-    RateLimits,
-    RequiredMemory,
+    RunnerCapabilities,
     RunnerError,
+    RunnerFamily,
     RuntimeKind,
     SessionRebuildCause,
     TokenChunk,
@@ -117,6 +119,10 @@ class EmbeddingRunner:
     runtime_kind = RuntimeKind.TORCH
     transport_kind = TransportKind.IN_PROCESS
     gil_pinned = True
+    # ModelFleet implements /v1/embeddings and /v1/rerank on the vectors it computes (engine/pooling.py)
+    capabilities = RunnerCapabilities(
+        family=RunnerFamily.TOKEN_GENERATOR, endpoints=frozenset({EMBEDDINGS, RERANK}), embeds=True
+    )
 
     def __init__(
         self,
@@ -238,20 +244,5 @@ class EmbeddingRunner:
         raise RunnerError("an embedding model does not generate text")
         yield  # pragma: no cover  (makes this an async generator)
 
-    async def abort(self, request_id: str) -> None:
-        return None
-
-    def rate_limits(self) -> RateLimits | None:
-        return None
-
-    def estimate_cost_usd(self, batch: ExecuteBatch) -> float:
-        return 0.0
-
-    def required_memory(self, spec: Any) -> RequiredMemory:
-        if self.model is None:
-            raise RunnerError("required_memory needs loaded weights")
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        on_gpu = self.device.startswith("cuda")
-        return RequiredMemory(
-            ram_bytes=0 if on_gpu else weights, vram_bytes=weights if on_gpu else 0, detail={"weights": weights}
-        )
+    def runtime_stats(self) -> dict[str, float]:
+        return {}

@@ -9,11 +9,12 @@ had not started streaming. A request that was mid-stream when the child died
 ends with an error (its text cannot be resumed without repeating what the
 client already has).
 
-Requests are forwarded with aiohttp over a Unix socket where the engine can
-listen on one, else to a free loopback port, with the ``openai_stream``
-helpers (the client's body, streaming on, usage in the last event). The child
-serves one name: the deployment's ``model.name``; aliases are resolved by the
-engine in front of it.
+These runners are of the ``openai_passthrough`` family: the engine hands
+``open`` the client's body (rewritten only as docs/openai-api.md lists) and
+relays the child's answer byte for byte. The body goes with aiohttp over a
+Unix socket where the engine can listen on one, else to a free loopback port.
+The child serves one name: the deployment's ``model.name``; aliases are
+resolved by the engine in front of it.
 
 Install check: the engine's command-line program is looked up next to this
 interpreter (the same virtual environment) and then on PATH; when it is
@@ -21,10 +22,7 @@ missing, ``load_weights`` fails with the pip extra to install.
 
 Status: ``progress`` says what the child is doing (starting, waiting for
 /health, serving, exited); ``runtime_stats`` counts starts and exits (exported
-by the engine's /metrics); ``disk_usage`` is the size of the weights on disk;
-``required_memory`` is the project's placement estimate
-(``modelfleet.operator.model_size``: weights + KV cache for maxNumSeqs
-sequences of maxModelLen tokens + overhead).
+by the engine's /metrics); ``disk_usage`` is the size of the weights on disk.
 """
 
 from __future__ import annotations
@@ -40,27 +38,28 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import aiohttp
 
 from modelfleet.dataplane.runners.base import (
+    CHAT,
+    COMPLETIONS,
+    BackendResponse,
     ContextFaultError,
     DeviceContext,
-    ExecuteBatch,
-    RateLimits,
-    RequiredMemory,
+    OpenAICall,
+    RunnerCapabilities,
     RunnerError,
+    RunnerFamily,
     RuntimeKind,
-    SequenceRequest,
     SessionRebuildCause,
-    TokenChunk,
     TransportKind,
     WeightSource,
 )
-from modelfleet.dataplane.runners.openai_stream import token_chunks, upstream_body, upstream_error
+from modelfleet.dataplane.runners.openai_stream import StreamBrokenError, body_chunks
 from modelfleet.dataplane.runners.weights import WeightSourceError, source_file_or_dir
 from modelfleet.dataplane.spec import DType, InferenceDeploymentSpec
 
@@ -70,6 +69,7 @@ LOOPBACK = "127.0.0.1"
 HEALTH_PATH = "/health"  # both vLLM and SGLang answer 200 here once the model is loaded
 STOP_GRACE_S = 20.0  # SIGTERM, then SIGKILL of the child's process group
 OUTPUT_LINES = 40  # the child's last lines, quoted when it fails to start
+KEPT_HEADERS = frozenset({"content-type", "retry-after"})  # of the child's answer; the rest is the engine's own
 
 
 def dtype_flag(dtype: DType) -> str:
@@ -149,8 +149,11 @@ class EngineServerRunner:
     extra: ClassVar[str]  # the pip extra that installs it
     supports_uds: ClassVar[bool]  # the server can listen on a Unix socket
     gil_pinned = False  # the engine computes in its own processes
-    forwards_openai = True  # the engine service hands it the client's request, not token ids
-    misdirected_status = 421  # a request for a model this process does not serve (see docs/runners.md)
+    # the child is the OpenAI server: the engine relays the client's request and its answer (docs/openai-api.md);
+    # it serves one model, so a request for another one is 421 (docs/runners.md)
+    capabilities = RunnerCapabilities(
+        family=RunnerFamily.OPENAI_PASSTHROUGH, endpoints=frozenset({CHAT, COMPLETIONS}), one_model_per_process=True
+    )
 
     def __init__(
         self,
@@ -362,34 +365,10 @@ class EngineServerRunner:
             self._tmpdir.cleanup()
             self._tmpdir = None
 
-    async def abort(self, request_id: str) -> None:
-        return None  # closing the client's stream closes the connection; the server aborts the sequence
-
-    # ---- what placement and the engine read -------------------------------------------------------------------
-    def rate_limits(self) -> RateLimits | None:
-        return None
-
-    def estimate_cost_usd(self, batch: ExecuteBatch) -> float:
-        return 0.0
-
-    def required_memory(self, spec: InferenceDeploymentSpec) -> RequiredMemory:
-        """GPU memory of one replica by the project's placement formula (weights + KV cache + overhead)."""
-        # The formula lives with placement; it is pure (it imports only dataplane modules).
-        from modelfleet.operator.model_size import SizeUnknown, estimate_for
-
-        est = estimate_for(spec)
-        if isinstance(est, SizeUnknown):
-            raise RunnerError(est.reason)
-        return RequiredMemory(
-            ram_bytes=0,
-            vram_bytes=est.total_bytes,
-            detail={
-                "weights": est.weights_bytes,
-                "kv_cache": est.kv_cache_bytes,
-                "overhead": est.overhead_bytes,
-                "tensor_parallel_size": tensor_parallel_size(spec),
-            },
-        )
+    # ---- what the engine reads ---------------------------------------------------------------------------------
+    @property
+    def backend_model(self) -> str:
+        return self.spec.model.name  # the child serves this name (aliases are resolved by the engine in front)
 
     def disk_usage(self) -> int | None:
         """Bytes the weights take on disk (the path, or the repo's hub-cache folder); None when not there."""
@@ -423,29 +402,25 @@ class EngineServerRunner:
                 await asyncio.wait_for(asyncio.shield(proc.wait()), 1.0)
         return self._gone()
 
-    async def execute(self, batch: ExecuteBatch) -> AsyncIterator[TokenChunk]:
-        for seq in batch.sequences:
-            async for chunk in self._one(seq):
-                yield chunk
-
-    async def _one(self, seq: SequenceRequest) -> AsyncIterator[TokenChunk]:
-        if seq.openai is None:
-            raise RunnerError(f"the {self.program} runner needs the client's request (SequenceRequest.openai)")
+    async def open(self, call: OpenAICall) -> BackendResponse:
+        """POST the call's body to the child; its answer (any status) as a BackendResponse."""
         fault = self._gone()
         if fault is not None:
             raise fault
         session = self._session
         if session is None:
             raise RunnerError(f"the {self.program} server is not started")
-        chat = seq.openai.path.endswith("/chat/completions")
-        body = upstream_body(seq, self.spec.model.name)
         self.stats["upstream_requests"] += 1
         try:
             resp = await asyncio.wait_for(
                 session.post(
-                    self.base_url() + seq.openai.path,
-                    json=body,
-                    headers={"accept": "text/event-stream"},
+                    self.base_url() + call.path,
+                    data=call.body,
+                    headers={
+                        "content-type": "application/json",
+                        "accept": "text/event-stream" if call.stream else "application/json",
+                        "x-request-id": call.request_id,
+                    },
                     timeout=aiohttp.ClientTimeout(total=None, sock_read=self.first_byte_timeout_s),
                 ),
                 self.first_byte_timeout_s,
@@ -461,26 +436,29 @@ class EngineServerRunner:
             raise RunnerError(
                 f"the {self.program} server sent nothing within {self.first_byte_timeout_s:g} s"
             ) from None
+        if resp.status != 200:
+            self.stats["upstream_errors"] += 1
+        headers = {k: v for k, v in resp.headers.items() if k.lower() in KEPT_HEADERS}
+
+        async def close() -> None:
+            resp.close()
+
+        return BackendResponse(resp.status, headers, self._relay(resp), close=close)
+
+    async def _relay(self, resp: aiohttp.ClientResponse) -> AsyncGenerator[bytes]:
+        """The child's body; a child that died before any byte is a context fault (the request is resubmitted
+        after the rebuild), after some bytes a failure of this response only."""
         started = False
         try:
-            if resp.status != 200:
-                raw = await resp.read()
-                self.stats["upstream_errors"] += 1
-                raise upstream_error(resp.status, raw, resp.headers.get("Retry-After"))
-            async for chunk in token_chunks(resp, seq, chat):
+            async for data in body_chunks(resp):
                 started = True
-                yield chunk
-        except (aiohttp.ClientError, OSError, RunnerError) as exc:
-            if isinstance(exc, RunnerError) and not isinstance(exc, ContextFaultError):
-                fault = await self._died() if "cut off" in str(exc) else None
-            else:
-                fault = await self._died()
-            if fault is None or started:
-                if fault is not None:  # its text was handed out already: it cannot be resumed, only failed
-                    raise RunnerError(f"{fault} in the middle of this response") from None
-                if isinstance(exc, RunnerError):
-                    raise
-                raise RunnerError(f"the {self.program} server's stream broke ({type(exc).__name__})") from None
+                yield data
+        except StreamBrokenError as exc:
+            fault = await self._died()
+            if fault is None:
+                raise RunnerError(f"the {self.program} server's stream broke: {exc}") from None
+            if started:  # its bytes were handed out already: it cannot be resumed, only failed
+                raise RunnerError(f"{fault} in the middle of this response") from None
             raise fault from None
         finally:
             resp.close()

@@ -5,11 +5,26 @@ from __future__ import annotations
 
 import importlib.util
 
-from modelfleet.dataplane.runners.base import ModelRunner, RunnerError
+from modelfleet.dataplane.runners.base import ModelRunner, RunnerError, RunnerFamily
 from modelfleet.dataplane.spec import InferenceDeploymentSpec, Mode, RuntimeKind
 
 # What the torch runner imports, by module name: pyproject.toml's `torch` extra.
 TORCH_EXTRA_MODULES = ("torch", "transformers", "gguf", "accelerate", "safetensors")
+
+# Each runtime's runner family, for processes that must not import the runners (the gateway decides by it
+# whether to validate a request strictly); tests/unit/test_runner_capabilities.py checks it against the
+# runners' own ``capabilities``.
+RUNTIME_FAMILY: dict[RuntimeKind, RunnerFamily] = {
+    RuntimeKind.TORCH: RunnerFamily.TOKEN_GENERATOR,
+    RuntimeKind.VLLM: RunnerFamily.OPENAI_PASSTHROUGH,
+    RuntimeKind.SGLANG: RunnerFamily.OPENAI_PASSTHROUGH,
+    RuntimeKind.REMOTE: RunnerFamily.OPENAI_PASSTHROUGH,
+}
+
+
+def forwards_requests(runtime: RuntimeKind) -> bool:
+    """Whether a deployment of this runtime hands requests to an OpenAI-compatible backend as sent."""
+    return RUNTIME_FAMILY.get(runtime) is RunnerFamily.OPENAI_PASSTHROUGH
 
 
 class MissingExtraError(RunnerError):

@@ -1,7 +1,9 @@
 """The remote runner: a hosted OpenAI-compatible API as a runtime.
 
-One request at a time per sequence, forwarded with the client's own body
-(``openai_stream.upstream_body``), streamed back as TokenChunks. Around the
+A runner of the ``openai_passthrough`` family: ``open`` sends the body the
+engine hands it (the client's, with the provider's model name: docs/openai-api.md)
+for any endpoint the provider serves (chat, completions, embeddings, rerank),
+and the provider's answer goes back to the client byte for byte. Around the
 call, in order:
 
 1. Budget: a spent hourly or daily budget (``SpendLedger``) refuses with 429
@@ -18,44 +20,49 @@ call, in order:
    times, and only while nothing has reached the client. 401 and 403 raise a
    ``ContextFaultError`` with cause remote_auth_failure: the engine worker
    calls ``rebuild_session``, which reads the credential again, and resubmits,
-   so a rotated Secret heals without a restart. Other 4xx answers reach the
-   client with the provider's status and message.
-4. Cost: usage times the declared prices, added to the ledger and the
-   ``cost_usd`` counter (``runtime_stats``).
+   so a rotated Secret heals without a restart. Other answers (4xx, and the
+   last 429/5xx when the retries are spent) reach the client with the
+   provider's status and body.
+4. Cost: the usage the engine read from the answer (``BackendResponse.finish``)
+   times the declared prices, added to the ledger and the ``cost_usd`` counter
+   (``runtime_stats``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
 from modelfleet.dataplane import tracing
 from modelfleet.dataplane.runners.base import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    RERANK,
+    BackendResponse,
     ContextFaultError,
     DeviceContext,
-    ExecuteBatch,
-    RateLimits,
-    RequiredMemory,
+    OpenAICall,
+    RunnerCapabilities,
     RunnerError,
+    RunnerFamily,
     RuntimeKind,
-    SequenceRequest,
     SessionRebuildCause,
-    TokenChunk,
     TransportKind,
     UpstreamError,
+    Usage,
     WeightSource,
 )
 from modelfleet.dataplane.runners.limits import SpendLedger, TokenBucket
-from modelfleet.dataplane.runners.openai_stream import estimate_tokens, token_chunks, upstream_body, upstream_error
+from modelfleet.dataplane.runners.openai_stream import StreamBrokenError, body_chunks
 from modelfleet.dataplane.spec import REMOTE_SECRETS_DIR, InferenceDeploymentSpec, RemoteSpec
 
 log = logging.getLogger(__name__)
@@ -116,7 +123,10 @@ class RemoteRunner:
     runtime_kind = RuntimeKind.REMOTE
     transport_kind = TransportKind.HTTP
     gil_pinned = False
-    forwards_openai = True  # the engine service hands it the client's request, not token ids
+    # the provider is the OpenAI server: the engine relays the client's request and its answer (docs/openai-api.md)
+    capabilities = RunnerCapabilities(
+        family=RunnerFamily.OPENAI_PASSTHROUGH, endpoints=frozenset({CHAT, COMPLETIONS, EMBEDDINGS, RERANK})
+    )
 
     def __init__(self, spec: InferenceDeploymentSpec, *, seed: int | None = None) -> None:
         self._configure(spec)
@@ -177,108 +187,69 @@ class RemoteRunner:
             await self._session.close()
             self._session = None
 
-    async def abort(self, request_id: str) -> None:
-        return None  # closing the client's stream closes the upstream connection
-
-    # ---- what placement and the engine read -------------------------------------------------------------------
-    def rate_limits(self) -> RateLimits | None:
-        limits = self.remote.rate_limits
-        return RateLimits(limits.requests_per_minute, limits.tokens_per_minute)
-
-    def estimate_cost_usd(self, batch: ExecuteBatch) -> float:
-        """Upper bound before the call: the prompt estimate and every token max_tokens allows."""
-        return sum(self._cost(s.prompt_tokens_estimate, s.sampling.max_tokens) for s in batch.sequences)
+    # ---- what the engine reads -------------------------------------------------------------------------------
+    @property
+    def backend_model(self) -> str:
+        return self.model
 
     def _cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         price = self.remote.pricing
         return (prompt_tokens * price.input_usd_per_million + completion_tokens * price.output_usd_per_million) / 1e6
-
-    def required_memory(self, spec: InferenceDeploymentSpec) -> RequiredMemory:
-        return RequiredMemory(ram_bytes=256 << 20, vram_bytes=0, detail={"client": 256 << 20})
 
     def runtime_stats(self) -> dict[str, float]:
         hour, day = self.ledger.spent()
         return {**self.stats, "spend_hour_usd": hour, "spend_day_usd": day}
 
     # ---- the call ---------------------------------------------------------------------------------------------
-    async def execute(self, batch: ExecuteBatch) -> AsyncIterator[TokenChunk]:
-        for seq in batch.sequences:
-            async for chunk in self._one(seq):
-                yield chunk
-
-    async def _one(self, seq: SequenceRequest) -> AsyncIterator[TokenChunk]:
-        if seq.openai is None:
-            raise RunnerError("the remote runner needs the client's request (SequenceRequest.openai)")
+    async def open(self, call: OpenAICall) -> BackendResponse:
+        """The provider's answer to the call, after budget, rate limits and retries (module docstring)."""
         self._check_budget()
-        charged = await self._admit(seq)
-        chat = seq.openai.path.endswith("/chat/completions")
-        url = self.base_url + seq.openai.path.removeprefix("/v1")
-        body = upstream_body(seq, self.model)
-        last: TokenChunk | None = None
+        charged = await self._admit_tokens(call.prompt_tokens_estimate + call.max_tokens)
+        url = self.base_url + call.path.removeprefix("/v1")
         try:
-            resp = await self._open(url, body)
-            try:
-                async for chunk in token_chunks(resp, seq, chat):
-                    last = chunk
-                    yield chunk
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                self.stats["upstream_errors"] += 1
-                raise RunnerError(f"the provider's stream broke ({type(exc).__name__})") from None
-            finally:
-                resp.close()
-        finally:
-            used = (last.prompt_tokens + last.completion_tokens) if last is not None else 0
-            if self._tokens is not None and used < charged:
-                self._tokens.give_back(charged - used)
-            if last is not None:
-                cost = self._cost(last.prompt_tokens, last.completion_tokens)
-                self.ledger.add(cost)
-                self.stats["cost_usd"] += cost
+            answer = await self._open(url, call.body, "text/event-stream" if call.stream else "application/json")
+        except BaseException:
+            self._settle(charged, None)
+            raise
+        if isinstance(answer, _Refusal):
+            self._settle(charged, None)
+            headers = {"content-type": "application/json"}
+            if answer.retry_after:
+                headers["retry-after"] = answer.retry_after
+            return BackendResponse(answer.status, headers, _once(answer.raw))
+        resp = answer
 
-    async def forward_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """A non-streaming call (``/v1/embeddings``, ``/v1/rerank``) under the same budget, limits, retries and
-        cost accounting; a 401/403 reads the credential again and tries once more."""
-        self._check_budget()
-        text = json.dumps(body.get("input", body.get("query", "")), ensure_ascii=False)
-        charged = await self._admit_tokens(estimate_tokens(text) + 1)
-        forwarded = {**body, "model": self.model}
-        url = self.base_url + path.removeprefix("/v1")
-        for attempt in range(2):
-            try:
-                resp = await self._open(url, forwarded, accept="application/json")
-            except ContextFaultError as exc:
-                if attempt:
-                    raise UpstreamError(
-                        502, f"Provider error: {exc}", type="server_error", code="upstream_auth", retry_after=None
-                    ) from None
-                await self.rebuild_session(exc.cause)
-                continue
-            try:
-                answer = await resp.json(content_type=None)
-            except (aiohttp.ClientError, ValueError, TimeoutError) as exc:
-                raise UpstreamError(
-                    502,
-                    f"The provider's answer could not be read ({type(exc).__name__}).",
-                    type="server_error",
-                    code="upstream_failed",
-                    retry_after=None,
-                ) from None
-            finally:
-                resp.release()
-            if not isinstance(answer, dict):
-                raise UpstreamError(
-                    502, "The provider's answer is not a JSON object.", type="server_error", code=None, retry_after=None
-                )
-            raw_usage = answer.get("usage")
-            usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
-            prompt_tokens = int(usage.get("prompt_tokens") or usage.get("total_tokens") or 0)
-            if self._tokens is not None and prompt_tokens < charged:
-                self._tokens.give_back(charged - prompt_tokens)
-            cost = self._cost(prompt_tokens, 0)
+        async def close() -> None:
+            resp.close()
+
+        return BackendResponse(
+            200,
+            {"content-type": resp.headers.get("content-type", "application/json")},
+            self._relay(resp),
+            close=close,
+            on_finish=lambda usage: self._settle(charged, usage),
+        )
+
+    async def _relay(self, resp: aiohttp.ClientResponse) -> AsyncGenerator[bytes]:
+        try:
+            async for data in body_chunks(resp):
+                yield data
+        except StreamBrokenError as exc:
+            self.stats["upstream_errors"] += 1
+            raise RunnerError(f"the provider's stream broke: {exc}") from None
+        finally:
+            resp.close()
+
+    def _settle(self, charged: int, usage: Usage | None) -> None:
+        """After the answer: the tokens charged up front beyond the provider's usage go back to the bucket;
+        the usage's cost goes to the ledger."""
+        used = usage.prompt_tokens + usage.completion_tokens if usage is not None else 0
+        if self._tokens is not None and used < charged:
+            self._tokens.give_back(charged - used)
+        if usage is not None:
+            cost = self._cost(usage.prompt_tokens, usage.completion_tokens)
             self.ledger.add(cost)
             self.stats["cost_usd"] += cost
-            return answer
-        raise AssertionError("unreachable")
 
     def _check_budget(self) -> None:
         refusal = self.ledger.refusal()
@@ -294,10 +265,6 @@ class RemoteRunner:
             code="budget_exhausted",
             retry_after=str(refusal.resets_in_s),
         )
-
-    async def _admit(self, seq: SequenceRequest) -> int:
-        """Wait for the rate limits (bounded); returns the tokens charged."""
-        return await self._admit_tokens(seq.prompt_tokens_estimate + seq.sampling.max_tokens)
 
     async def _admit_tokens(self, tokens: int) -> int:
         wait = 0.0
@@ -343,8 +310,10 @@ class RemoteRunner:
         tracing.inject(headers)  # a provider that traces joins the request's trace
         return headers
 
-    async def _open(self, url: str, body: dict[str, Any], accept: str = "text/event-stream") -> aiohttp.ClientResponse:
-        """POST until a 200 arrives, retrying what may be retried; raises what reaches the client."""
+    async def _open(self, url: str, body: bytes, accept: str) -> aiohttp.ClientResponse | _Refusal:
+        """POST until a 200 arrives, retrying what may be retried; the provider's last refusal when none does.
+
+        Raises UpstreamError when the provider cannot be reached at all, ContextFaultError on 401/403."""
         session = self._session
         if session is None:
             raise RunnerError("the remote runner is not started")
@@ -354,7 +323,7 @@ class RemoteRunner:
             sock_connect=remote.connect_timeout_seconds,
             sock_read=remote.first_byte_timeout_seconds,
         )
-        failure: UpstreamError | None = None
+        failure: UpstreamError | _Refusal | None = None
         for attempt in range(remote.max_retries + 1):
             if attempt:
                 self.stats["upstream_retries"] += 1
@@ -362,7 +331,7 @@ class RemoteRunner:
             self.stats["upstream_requests"] += 1
             try:
                 resp = await asyncio.wait_for(
-                    session.post(url, json=body, headers=self._headers(accept), timeout=timeout),
+                    session.post(url, data=body, headers=self._headers(accept), timeout=timeout),
                     remote.first_byte_timeout_seconds,
                 )
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
@@ -394,11 +363,25 @@ class RemoteRunner:
                     f"the provider rejected the credential (HTTP {resp.status})",
                     SessionRebuildCause.REMOTE_AUTH_FAILURE,
                 )
-            failure = upstream_error(resp.status, raw, retry_after)
+            failure = _Refusal(resp.status, raw, retry_after)
             if resp.status not in RETRY_STATUS:
-                self.stats["upstream_errors"] += 1
-                raise failure
+                break
             log.warning("provider answered %d (attempt %d of %d)", resp.status, attempt + 1, remote.max_retries + 1)
         self.stats["upstream_errors"] += 1
+        if isinstance(failure, UpstreamError):
+            raise failure
         assert failure is not None
-        raise failure
+        return failure
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """A provider's non-200 answer that is not retried (or the last one after the retries)."""
+
+    status: int
+    raw: bytes
+    retry_after: str | None
+
+
+async def _once(data: bytes) -> AsyncGenerator[bytes]:
+    yield data

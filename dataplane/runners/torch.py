@@ -31,13 +31,15 @@ from typing import Any
 from modelfleet.dataplane.engine.faults import is_context_fault
 from modelfleet.dataplane.engine.scheduler import NeverFitsError, SchedRequest, Scheduler, SchedulerConfig
 from modelfleet.dataplane.runners.base import (
+    CHAT,
+    COMPLETIONS,
     ContextFaultError,
     DeviceContext,
     ExecuteBatch,
     FinishReason,
-    RateLimits,
-    RequiredMemory,
+    RunnerCapabilities,
     RunnerError,
+    RunnerFamily,
     RuntimeKind,
     SequenceRequest,
     SessionRebuildCause,
@@ -49,7 +51,7 @@ from modelfleet.dataplane.runners.decoding import IncrementalDetokenizer, StopCh
 from modelfleet.dataplane.runners.llama_paged import PagedLlama
 from modelfleet.dataplane.runners.ngram import DraftStats, accept_greedy, propose
 from modelfleet.dataplane.runners.weights import resolve_hf_dir
-from modelfleet.dataplane.spec import Device, DType, EngineSpec, InferenceDeploymentSpec, Quantization
+from modelfleet.dataplane.spec import Device, DType, EngineSpec, Quantization
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -160,6 +162,10 @@ class TorchRunner:
     runtime_kind = RuntimeKind.TORCH
     transport_kind = TransportKind.IN_PROCESS
     gil_pinned = True
+    # ModelFleet implements the OpenAI API on the tokens this runner streams (docs/openai-api.md)
+    capabilities = RunnerCapabilities(
+        family=RunnerFamily.TOKEN_GENERATOR, endpoints=frozenset({CHAT, COMPLETIONS}), fault_injection=True
+    )
 
     def __init__(
         self,
@@ -326,34 +332,6 @@ class TorchRunner:
             )
         return stats
 
-    def rate_limits(self) -> RateLimits | None:
-        return None
-
-    def estimate_cost_usd(self, batch: ExecuteBatch) -> float:
-        return 0.0
-
-    def required_memory(self, spec: InferenceDeploymentSpec) -> RequiredMemory:
-        if self.model is None:
-            raise RunnerError("required_memory needs loaded weights (placement estimates from headers instead)")
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        cfg = self.model.config
-        kv_per_token = (
-            2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
-        )
-        kv = (
-            kv_per_token
-            * next(self.model.parameters()).element_size()
-            * spec.engine.max_model_len
-            * spec.engine.max_num_seqs
-        )
-        total = weights + kv
-        on_gpu = self.device.startswith("cuda")
-        return RequiredMemory(
-            ram_bytes=0 if on_gpu else total,
-            vram_bytes=total if on_gpu else 0,
-            detail={"weights": weights, "kv_cache": kv},
-        )
-
     async def execute(self, batch: ExecuteBatch) -> AsyncIterator[TokenChunk]:
         if self.model is None or self.codec is None:
             raise RunnerError("torch runner has no weights loaded")
@@ -381,9 +359,6 @@ class TorchRunner:
         finally:
             for request_id in remaining:
                 self._abort_now(request_id)
-
-    async def abort(self, request_id: str) -> None:
-        self._abort_now(request_id)
 
     def _abort_now(self, request_id: str) -> None:
         with self._cond:

@@ -1,7 +1,9 @@
 """A purpose-built OpenAI-compatible "hosted provider" for the remote-runner tests.
 
 Hosted providers cannot be reached from these machines, so this small real
-HTTP server on loopback plays one, with the failures a provider shows: a
+HTTP server on loopback plays one (streamed answers as server-sent events
+when the request says ``stream: true``, else one JSON body, as providers do),
+with the failures a provider shows: a
 rejected key (401), 429 with Retry-After, 500, a slow first byte, a stream
 cut mid-way, and a stream that stalls mid-way until the caller goes away. It
 checks ``Authorization: Bearer <key>`` against the keys it accepts, records
@@ -91,6 +93,8 @@ class FakeProvider:
         if outcome == "slow":
             await asyncio.sleep(self.slow_s)
         chat = request.path.endswith("/chat/completions")
+        if body.get("stream") is not True:
+            return await self._whole(request, body, chat, outcome)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         base = {"id": "prov-1", "created": int(time.time()), "model": body.get("model")}
@@ -120,6 +124,26 @@ class FakeProvider:
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+    async def _whole(self, request: web.Request, body: dict[str, Any], chat: bool, outcome: str) -> web.Response:
+        """A non-streamed answer: one JSON body with the usage (a cut or stall drops the connection instead)."""
+        if outcome in ("cut", "stall"):
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
+        text = "".join(ANSWER)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None}
+        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+        usage = {"prompt_tokens": 11, "completion_tokens": len(ANSWER), "total_tokens": 11 + len(ANSWER)}
+        answer = {
+            "id": "prov-1",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": body.get("model"),
+            "choices": [choice],
+            "usage": usage,
+        }
+        return web.json_response(answer)
 
     async def _start(self) -> None:
         app = web.Application()

@@ -9,12 +9,13 @@ from here); the provider records when each request arrives.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from modelfleet.dataplane.runners.base import ExecuteBatch, OpenAIRequest, SamplingParams, SequenceRequest
+from modelfleet.dataplane.runners.base import OpenAICall
 from modelfleet.dataplane.runners.remote import RemoteRunner
 from modelfleet.dataplane.spec import InferenceDeploymentSpec
 from tests.integration.provider import FakeProvider
@@ -51,8 +52,13 @@ def runner_for(provider: FakeProvider) -> RemoteRunner:
 
 async def call(runner: RemoteRunner, i: int) -> str:
     body = {"model": "rated-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
-    seq = SequenceRequest(f"r{i}", (), SamplingParams(max_tokens=8), openai=OpenAIRequest("/v1/chat/completions", body))
-    return "".join([c.text async for c in runner.execute(ExecuteBatch((seq,)))])
+    resp = await runner.open(OpenAICall(f"r{i}", "/v1/chat/completions", json.dumps(body).encode(), False, 3, 8))
+    try:
+        answer = json.loads(b"".join([chunk async for chunk in resp.chunks]))
+    finally:
+        resp.finish(None)
+        await resp.aclose()
+    return str(answer["choices"][0]["message"]["content"])
 
 
 async def test_concurrent_waiters_are_admitted_at_the_declared_rate(

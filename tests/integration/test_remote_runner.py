@@ -145,6 +145,55 @@ def test_chat_through_a_real_provider(remote: Stack, stack: Stack) -> None:
     assert text == direct.choices[0].message.content
 
 
+def _raw(client: openai.OpenAI, model: str, chat_api: bool, **kw: object) -> dict[str, object]:
+    """The answer's JSON as the server sent it (the official client's raw response)."""
+    if chat_api:
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        raw = client.chat.completions.with_raw_response.create(model=model, messages=question, **kw)  # type: ignore[call-overload]
+    else:
+        raw = client.completions.with_raw_response.create(model=model, prompt="The capital of France is", **kw)  # type: ignore[call-overload]
+    answer: dict[str, object] = raw.http_response.json()
+    return answer
+
+
+def test_the_passthrough_oracle_against_a_real_modelfleet(remote: Stack, stack: Stack) -> None:
+    """docs/openai-api.md: through a remote deployment, the JSON answer is the provider's own (temperature 0,
+    a seed) except id, created and model; a stream assembles to the same text."""
+    for chat_api in (True, False):
+        direct = _raw(stack.client(), "smollm2", chat_api, max_tokens=12, temperature=0, seed=3)
+        via = _raw(remote.client(), "proxied-smollm2", chat_api, max_tokens=12, temperature=0, seed=3)
+        assert via["model"] == "proxied-smollm2"
+        variable = {"id", "created", "model"}
+        assert {k: v for k, v in via.items() if k not in variable} == {
+            k: v for k, v in direct.items() if k not in variable
+        }
+    chunks = list(
+        remote.client().chat.completions.create(
+            model="proxied-smollm2",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=12,
+            temperature=0,
+            seed=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(c.model == "proxied-smollm2" for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == direct_text(stack)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0  # asked for: kept
+
+
+def direct_text(stack: Stack) -> str:
+    reply = stack.client().chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=12,
+        temperature=0,
+        seed=3,
+    )
+    return str(reply.choices[0].message.content)
+
+
 def test_forwards_the_request_with_key_headers_and_upstream_model(remote: Stack, provider: FakeProvider) -> None:
     before = len(provider.requests)
     client = remote.client()
@@ -156,7 +205,9 @@ def test_forwards_the_request_with_key_headers_and_upstream_model(remote: Stack,
     assert body["model"] == "upstream-model"
     assert body["messages"] == [{"role": "user", "content": "Say hello."}]
     assert (body["temperature"], body["top_p"], body["seed"], body["max_tokens"]) == (0.3, 0.9, 7, 16)
-    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    # passthrough (docs/openai-api.md): the client's body as sent, the model name the only rewrite; a request
+    # that does not stream is not turned into a stream
+    assert set(body) == {"model", "messages", "temperature", "top_p", "seed", "max_tokens"}
 
 
 def test_usage_and_cost_come_from_the_provider(remote: Stack) -> None:

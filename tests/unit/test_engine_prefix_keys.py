@@ -10,7 +10,15 @@ from aiohttp.test_utils import TestClient, TestServer
 from modelfleet.dataplane.engine.api import EngineState, build_app
 from modelfleet.dataplane.engine.metrics import EngineMetrics
 from modelfleet.dataplane.engine.prefix_keys import PREFIX_KEY_HEADER, RecentPrefixKeys
-from modelfleet.dataplane.runners.base import ExecuteBatch, FinishReason, TokenChunk
+from modelfleet.dataplane.runners.base import (
+    CHAT,
+    COMPLETIONS,
+    ExecuteBatch,
+    FinishReason,
+    RunnerCapabilities,
+    RunnerFamily,
+    TokenChunk,
+)
 from modelfleet.dataplane.spec import InferenceDeploymentSpec
 
 
@@ -72,6 +80,8 @@ class Codec:
 class OneTokenRunner:
     """Loaded at once; every sequence ends after one token."""
 
+    capabilities = RunnerCapabilities(RunnerFamily.TOKEN_GENERATOR, frozenset({CHAT, COMPLETIONS}))
+
     def __init__(self) -> None:
         self.codec = Codec()
         self.progress = "loaded"
@@ -82,6 +92,9 @@ class OneTokenRunner:
     async def execute(self, batch: ExecuteBatch) -> AsyncIterator[TokenChunk]:
         for seq in batch.sequences:
             yield TokenChunk(seq.request_id, (7,), "x", len(seq.prompt_token_ids), 1, FinishReason.STOP)
+
+    def runtime_stats(self) -> dict[str, float]:
+        return {}
 
     async def close(self) -> None:
         pass

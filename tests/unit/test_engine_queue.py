@@ -17,12 +17,24 @@ from modelfleet.dataplane.engine.core import EngineCore
 from modelfleet.dataplane.engine.metrics import EngineMetrics
 from modelfleet.dataplane.engine.worker import EngineWorker
 from modelfleet.dataplane.protocol import ApiError
-from modelfleet.dataplane.runners.base import ExecuteBatch, FinishReason, SamplingParams, SequenceRequest, TokenChunk
+from modelfleet.dataplane.runners.base import (
+    CHAT,
+    COMPLETIONS,
+    ExecuteBatch,
+    FinishReason,
+    RunnerCapabilities,
+    RunnerFamily,
+    SamplingParams,
+    SequenceRequest,
+    TokenChunk,
+)
 from modelfleet.dataplane.spec import EngineSpec
 
 
 class HeldRunner:
     """Every sequence yields one final chunk once ``release`` is set."""
+
+    capabilities = RunnerCapabilities(RunnerFamily.TOKEN_GENERATOR, frozenset({CHAT, COMPLETIONS}))
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
@@ -115,6 +127,8 @@ async def test_a_client_that_leaves_the_queue_frees_its_tokens() -> None:
 
 class OrderRunner:
     """Records the order sequences reach the runner; ``hold`` names one that waits for ``release``."""
+
+    capabilities = RunnerCapabilities(RunnerFamily.TOKEN_GENERATOR, frozenset({CHAT, COMPLETIONS}))
 
     def __init__(self, hold: str) -> None:
         self.hold = hold

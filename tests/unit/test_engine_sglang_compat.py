@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from modelfleet.dataplane.engine.api import EngineState, build_app
 from modelfleet.dataplane.engine.metrics import EngineMetrics
+from modelfleet.dataplane.runners.base import CHAT, COMPLETIONS, RunnerCapabilities, RunnerFamily
 from modelfleet.dataplane.spec import InferenceDeploymentSpec
 
 
@@ -27,6 +28,8 @@ class Codec:
 class StandInRunner:
     """Loads when ``loaded`` is set; never asked to execute here."""
 
+    capabilities = RunnerCapabilities(RunnerFamily.TOKEN_GENERATOR, frozenset({CHAT, COMPLETIONS}))
+
     def __init__(self) -> None:
         self.loaded = asyncio.Event()
         self.codec = Codec()
@@ -38,6 +41,9 @@ class StandInRunner:
 
     def execute(self, batch: object) -> AsyncIterator[object]:
         raise AssertionError("not used")
+
+    def runtime_stats(self) -> dict[str, float]:
+        return {}
 
     async def close(self) -> None:
         pass

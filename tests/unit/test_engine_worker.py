@@ -16,10 +16,14 @@ import pytest
 from modelfleet.dataplane.engine.metrics import EngineMetrics
 from modelfleet.dataplane.engine.worker import EngineRebuildingError, EngineWorker
 from modelfleet.dataplane.runners.base import (
+    CHAT,
+    COMPLETIONS,
     ContextFaultError,
     ExecuteBatch,
     FinishReason,
+    RunnerCapabilities,
     RunnerError,
+    RunnerFamily,
     SamplingParams,
     SequenceRequest,
     SessionRebuildCause,
@@ -30,6 +34,8 @@ from modelfleet.dataplane.runners.base import (
 class FlakyRunner:
     """Emits tokens 1, 2, ... up to max_tokens; the first ``faults`` times a sequence reaches
     ``fault_after`` tokens, raises ContextFaultError instead (for every sequence then running)."""
+
+    capabilities = RunnerCapabilities(RunnerFamily.TOKEN_GENERATOR, frozenset({CHAT, COMPLETIONS}))
 
     def __init__(self, faults: int, fault_after: int, rebuild_fails: int = 0) -> None:
         self.faults = faults

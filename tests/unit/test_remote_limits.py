@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from modelfleet.dataplane.runners.base import FinishReason, OpenAIRequest, RunnerError, SamplingParams, SequenceRequest
+from modelfleet.dataplane.runners.base import RunnerError
 from modelfleet.dataplane.runners.limits import SpendLedger, TokenBucket
-from modelfleet.dataplane.runners.openai_stream import estimate_tokens, token_chunks, upstream_body, upstream_error
+from modelfleet.dataplane.runners.openai_stream import estimate_tokens
 from modelfleet.dataplane.runners.remote import backoff_s, read_credential
 from modelfleet.dataplane.spec import InferenceDeploymentSpec, RemoteSpec
 
@@ -135,79 +133,6 @@ def test_credential_errors_name_the_field(tmp_path: Any, monkeypatch: pytest.Mon
         read_credential(unset)
     monkeypatch.setenv("MF_TEST_KEY", " sk-1 \n")
     assert read_credential(unset) == "sk-1"
-
-
-def _seq(body: dict[str, Any], path: str = "/v1/chat/completions") -> SequenceRequest:
-    return SequenceRequest(
-        "r1", (), SamplingParams(max_tokens=8), openai=OpenAIRequest(path, body), prompt_tokens_estimate=3
-    )
-
-
-def test_upstream_body_sets_model_stream_and_usage_and_keeps_the_rest() -> None:
-    body = upstream_body(_seq({"model": "mine", "messages": [], "stream": False, "temperature": 0.2}), "theirs")
-    assert body == {
-        "model": "theirs",
-        "messages": [],
-        "stream": True,
-        "temperature": 0.2,
-        "stream_options": {"include_usage": True},
-    }
-
-
-class _Resp:
-    def __init__(self, lines: list[bytes]) -> None:
-        self.lines = lines
-
-    @property
-    def content(self) -> AsyncIterator[bytes]:
-        async def gen() -> AsyncIterator[bytes]:
-            for line in self.lines:
-                yield line
-
-        return gen()
-
-
-def _run(lines: list[bytes], chat: bool = True) -> list[Any]:
-    async def go() -> list[Any]:
-        return [c async for c in token_chunks(_Resp(lines), _seq({}), chat)]  # type: ignore[arg-type]
-
-    return asyncio.run(go())
-
-
-def test_sse_becomes_chunks_with_the_upstreams_usage() -> None:
-    chunks = _run(
-        [
-            b": keep-alive\n",
-            b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n',
-            b"\n",
-            b'data: {"choices":[{"index":0,"delta":{"content":"Hel"}}]}\n',
-            b'data: {"choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":"length"}]}\n',
-            b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2}}\n',
-            b"data: [DONE]\n",
-        ]
-    )
-    assert [c.text for c in chunks] == ["Hel", "lo", ""]
-    last = chunks[-1]
-    assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == (FinishReason.LENGTH, 9, 2)
-    assert chunks[0].prompt_tokens == 3  # the estimate until the usage event arrives
-
-
-def test_text_completion_events_and_errors() -> None:
-    chunks = _run([b'data: {"choices":[{"index":0,"text":"ok","finish_reason":"stop"}]}\n'], chat=False)
-    assert [c.text for c in chunks] == ["ok", ""] and chunks[-1].finish_reason is FinishReason.STOP
-    with pytest.raises(RunnerError, match="failed mid-stream: boom"):
-        _run([b'data: {"error":{"message":"boom"}}\n'])
-    with pytest.raises(RunnerError, match="without a finish reason"):
-        _run([b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n'])
-    with pytest.raises(RunnerError, match="malformed"):
-        _run([b"data: {not json\n"])
-
-
-def test_upstream_error_keeps_an_openai_shaped_message_and_survives_junk() -> None:
-    err = upstream_error(400, b'{"error":{"message":"too long","type":"invalid_request_error","code":"x"}}', None)
-    assert (err.status, err.type, err.code) == (400, "invalid_request_error", "x") and "too long" in str(err)
-    junk = upstream_error(502, b"<html>bad gateway</html>", "7")
-    assert junk.status == 502 and junk.retry_after == "7" and "HTTP 502" in str(junk)
 
 
 def test_token_estimate_is_about_four_characters_each() -> None:
