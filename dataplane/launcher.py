@@ -275,7 +275,11 @@ def start_stack(
         ]
         routes.append(
             DeploymentRoute(
-                name=name, models=dep.spec.served_names(), endpoints=[s.url for s in sidecars], created=created
+                name=name,
+                models=dep.spec.served_names(),
+                endpoints=[s.url for s in sidecars],
+                created=created,
+                runtime=dep.spec.runtime.kind,
             )
         )
     routes_file = stack.workdir / "routes.json"

@@ -1,7 +1,11 @@
 """OpenAI wire models shared by the gateway and the engine, and the error shape.
 
-Requests are validated strictly: an unknown or out-of-range field is a 400 that
-names the field, as the OpenAI API does.
+Requests for deployments whose runtime ModelFleet implements the API for (the
+torch runner) are validated strictly: an unknown or out-of-range field is a
+400 that names the field, as the OpenAI API does. Requests for an
+OpenAI-compatible backend (vLLM, SGLang, remote) are ``ForwardedRequest``s:
+only what ModelFleet reads is checked, and the backend judges the rest
+(docs/openai-api.md).
 """
 
 from __future__ import annotations
@@ -201,6 +205,10 @@ class SamplingFields(WireModel):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
+    @property
+    def streams(self) -> bool:
+        return self.stream
+
     def wants_usage_in_stream(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
@@ -303,3 +311,51 @@ class RerankRequest(WireModel):
     ] = None
     return_documents: Annotated[bool, Field(description="Include each document's text in its result.")] = True
     user: Annotated[str | None, Field(max_length=256)] = None
+
+
+# ---- requests for OpenAI-compatible backends --------------------------------------------------
+
+
+class ForwardedRequest(BaseModel):
+    """A request for a deployment whose runtime is an OpenAI-compatible backend (vLLM, SGLang, remote).
+
+    The backend implements the API and judges the request, so only what ModelFleet itself reads is
+    checked here (``model``, for routing); every other field is kept as sent, known to ModelFleet or not
+    (docs/openai-api.md). The body forwarded is always the client's own bytes, not this model.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+
+    def token_limit(self) -> int | None:
+        return None
+
+
+def _positive_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+class ForwardedGeneration(ForwardedRequest):
+    """A chat or text completion for an OpenAI-compatible backend. ``stream``, ``stream_options`` and the
+    completion limits are read (usage in streams; per-key token limits), never refused: a value of the wrong
+    type is the backend's to refuse."""
+
+    stream: Any = None
+    stream_options: Any = None
+    max_tokens: Any = None
+    max_completion_tokens: Any = None
+    n: Any = None
+
+    @property
+    def streams(self) -> bool:
+        return self.stream is True
+
+    def wants_usage_in_stream(self) -> bool:
+        options = self.stream_options
+        return self.streams and isinstance(options, dict) and options.get("include_usage") is True
+
+    def token_limit(self) -> int | None:
+        """n x the completion limit (``max_completion_tokens``, else ``max_tokens``); None when unset."""
+        limit = _positive_int(self.max_completion_tokens) or _positive_int(self.max_tokens)
+        return None if limit is None else limit * (_positive_int(self.n) or 1)

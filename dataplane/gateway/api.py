@@ -32,6 +32,8 @@ from modelfleet.dataplane.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    ForwardedGeneration,
+    ForwardedRequest,
     RerankRequest,
     SamplingFields,
     validation_error,
@@ -49,7 +51,7 @@ METRICS = web.AppKey("metrics", GatewayMetrics)
 # ModelFleet's runtime kinds. It does not filter deployments: the model does.
 ENGINE_NAMES = frozenset({"llama.cpp", "mlx", "diffusers", *(kind.value for kind in RuntimeKind)})
 
-GatewayRequest = ChatCompletionRequest | CompletionRequest | EmbeddingRequest | RerankRequest
+GatewayRequest = ChatCompletionRequest | CompletionRequest | EmbeddingRequest | RerankRequest | ForwardedRequest
 Wire = type[ChatCompletionRequest] | type[CompletionRequest] | type[EmbeddingRequest] | type[RerankRequest]
 
 
@@ -75,8 +77,16 @@ def json_content_type(value: str | None) -> bool:
     return subtype == "json" or subtype.endswith("+json")
 
 
-def parse_request(model: Wire, raw: bytes, content_type: str | None = None) -> GatewayRequest:
-    """Validate the raw body once, straight from JSON; errors in the gateway's 400 shapes."""
+def parse_request(
+    model: Wire, raw: bytes, content_type: str | None = None, forwards: Callable[[str], bool] | None = None
+) -> GatewayRequest:
+    """Validate the raw body once, straight from JSON; errors in the gateway's 400 shapes.
+
+    ``forwards(model)``: whether that model's deployment runs an OpenAI-compatible backend (vLLM,
+    SGLang, remote). A body the strict wire model refuses is then read as a ``ForwardedRequest`` (only
+    ``model`` checked), so fields ModelFleet does not implement reach the backend that does. Bodies the
+    strict model accepts, the common case, are parsed once.
+    """
     if not raw.strip() or not json_content_type(content_type):
         raise ApiError(400, NOT_AN_OBJECT, code="invalid_json")
     try:
@@ -88,7 +98,20 @@ def parse_request(model: Wire, raw: bytes, content_type: str | None = None) -> G
             raise ApiError(400, "The request body is not valid JSON.", code="invalid_json") from None
         if not first.get("loc"):  # valid JSON, but not an object
             raise ApiError(400, NOT_AN_OBJECT, code="invalid_json") from None
+        if forwards is not None:
+            forwarded = _forwarded(model, raw)
+            if forwarded is not None and forwards(forwarded.model):
+                return forwarded
         raise validation_error(errors) from None
+
+
+def _forwarded(model: Wire, raw: bytes) -> ForwardedRequest | None:
+    """The body as a request for an OpenAI-compatible backend, or None when even that cannot be read."""
+    kind = ForwardedGeneration if issubclass(model, SamplingFields) else ForwardedRequest
+    try:
+        return kind.model_validate_json(raw)
+    except ValidationError:
+        return None
 
 
 INCLUDE_USAGE = b',"stream_options":{"include_usage":true}}'
@@ -98,9 +121,11 @@ def upstream_body(req: GatewayRequest, raw: bytes) -> bytes:
     """What goes to the sidecar: the client's own bytes, patched only where the gateway must.
 
     A stream always asks for usage so token metrics are complete (the usage
-    event is dropped again unless the client asked for it).
+    event is dropped again unless the client asked for it); other
+    ``stream_options`` the client sent are kept. Nothing else is changed
+    (docs/openai-api.md lists the rewrites).
     """
-    if not isinstance(req, SamplingFields) or not req.stream or req.wants_usage_in_stream():
+    if not isinstance(req, SamplingFields | ForwardedGeneration) or not req.streams or req.wants_usage_in_stream():
         return raw  # embeddings and rerank never stream
     if "stream_options" not in req.model_fields_set:
         # a validated JSON object with at least "model": append the one field before its closing brace
@@ -108,8 +133,11 @@ def upstream_body(req: GatewayRequest, raw: bytes) -> bytes:
         if body.endswith(b"}"):
             return body[:-1] + INCLUDE_USAGE
     payload = json.loads(raw)
-    payload["stream_options"] = {"include_usage": True}
-    return json.dumps(payload, separators=(",", ":")).encode()
+    options = payload.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        return raw  # not an object: the backend refuses it as it is
+    payload["stream_options"] = {**(options or {}), "include_usage": True}
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 DONE = b"data: [DONE]\n\n"
@@ -160,11 +188,11 @@ def create_app(
     async def openai(request: web.Request, endpoint: str, model: Wire) -> web.StreamResponse:
         if keys is None:
             raw = await request.read()
-            req = parse_request(model, raw, request.headers.get("content-type"))
+            req = parse_request(model, raw, request.headers.get("content-type"), service.table.forwards)
             return await answer(request, endpoint, req, raw)
         key = keys.authenticate(request.headers)  # 401 before the body is read
         raw = await request.read()
-        req = parse_request(model, raw, request.headers.get("content-type"))
+        req = parse_request(model, raw, request.headers.get("content-type"), service.table.forwards)
         grant = keys.admit(key, req, len(raw), service.table)  # 403, 429
         resp = None
         try:

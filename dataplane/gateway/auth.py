@@ -36,7 +36,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from modelfleet.dataplane.gateway.limits import Clock, KeyLimiter, KeyLimits, Limit, Refusal, estimate_tokens
 from modelfleet.dataplane.gateway.metrics import GatewayMetrics
 from modelfleet.dataplane.gateway.routes import RoutingTable
-from modelfleet.dataplane.protocol import ApiError, ChatCompletionRequest, CompletionRequest
+from modelfleet.dataplane.protocol import ApiError, ChatCompletionRequest, CompletionRequest, ForwardedGeneration
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +378,7 @@ class GatewayAuth:
                 param="model",
                 code="model_not_allowed",
             )
-        samples = isinstance(req, ChatCompletionRequest | CompletionRequest)
+        samples = isinstance(req, ChatCompletionRequest | CompletionRequest | ForwardedGeneration)
         cost = estimate_tokens(body_bytes, req.token_limit() if samples else None, samples)
         limiter = self._limiters[key.name]
         refusal = limiter.acquire(cost)

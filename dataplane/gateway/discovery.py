@@ -14,7 +14,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from modelfleet.dataplane.gateway.routes import DeploymentRoute, RoutingTable
-from modelfleet.dataplane.spec import API_GROUP, API_VERSION, PLURAL
+from modelfleet.dataplane.spec import API_GROUP, API_VERSION, PLURAL, RuntimeKind
+
+RUNTIMES = frozenset(kind.value for kind in RuntimeKind)
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +37,13 @@ def routes_from_objects(items: list[Mapping[str, Any]]) -> list[DeploymentRoute]
         ready = int(status.get("readyReplicas") or 0) > 0
         endpoint = status.get("endpoint")
         meta = obj["metadata"]
+        runtime = (spec.get("runtime") or {}).get("kind") or RuntimeKind.TORCH.value
         routes.append(
             DeploymentRoute(
                 name=f"{meta.get('namespace', 'default')}/{meta['name']}",
                 models=names,
                 endpoints=[endpoint] if endpoint and ready else [],
+                runtime=RuntimeKind(runtime) if runtime in RUNTIMES else RuntimeKind.TORCH,
             )
         )
     return routes

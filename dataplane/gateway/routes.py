@@ -11,10 +11,15 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from modelfleet.dataplane.protocol import model_not_found
+from modelfleet.dataplane.runners.registry import forwards_requests
+from modelfleet.dataplane.spec import RuntimeKind
 
 
 class DeploymentRoute(BaseModel):
-    """One deployment as the gateway sees it: its model ids and sidecar endpoints."""
+    """One deployment as the gateway sees it: its model ids, sidecar endpoints and runtime.
+
+    ``runtime`` decides how strictly the gateway reads a request: an OpenAI-compatible backend's
+    (vLLM, SGLang, remote) gets every field as sent (docs/openai-api.md)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -22,6 +27,11 @@ class DeploymentRoute(BaseModel):
     models: list[str]
     endpoints: list[str]
     created: int = 0
+    runtime: RuntimeKind = RuntimeKind.TORCH
+
+    @property
+    def forwards(self) -> bool:
+        return forwards_requests(self.runtime)
 
 
 class RoutesFile(BaseModel):
@@ -59,6 +69,11 @@ class RoutingTable:
         if entry is None:
             raise model_not_found(model)
         return entry.route
+
+    def forwards(self, model: str) -> bool:
+        """The model is served by a deployment whose backend takes requests as sent (False: unknown model)."""
+        entry = self._by_model.get(model)
+        return entry is not None and entry.route.forwards
 
     def endpoints_in_turn(self, route: DeploymentRoute) -> list[str]:
         """The deployment's endpoints rotated, so load spreads over its sidecars."""

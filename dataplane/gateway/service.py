@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -17,6 +18,8 @@ from modelfleet.dataplane.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    ForwardedGeneration,
+    ForwardedRequest,
     RerankRequest,
     SamplingFields,
 )
@@ -24,7 +27,7 @@ from modelfleet.dataplane.upstream import open_upstream, relay, request_headers,
 
 log = logging.getLogger(__name__)
 
-USAGE_MARKER = b'"choices":[]'
+USAGE_KEY = b'"usage"'
 
 
 @dataclass
@@ -55,7 +58,7 @@ class GatewayService:
     async def forward(
         self,
         endpoint: str,
-        req: ChatCompletionRequest | CompletionRequest | EmbeddingRequest | RerankRequest,
+        req: ChatCompletionRequest | CompletionRequest | EmbeddingRequest | RerankRequest | ForwardedRequest,
         request_id: str,
         client_headers: Mapping[str, str] | None = None,
         *,
@@ -76,7 +79,7 @@ class GatewayService:
             body = raw
         else:
             payload = req.model_dump(exclude_unset=True, mode="json")
-            if isinstance(req, SamplingFields) and req.stream:
+            if isinstance(req, SamplingFields | ForwardedGeneration) and req.streams:
                 # Always ask for usage so token metrics are complete; the usage
                 # event is dropped again unless the client asked for it.
                 payload["stream_options"] = {"include_usage": True}
@@ -119,7 +122,7 @@ class GatewayService:
                 endpoint,
                 upstream,
                 started,
-                isinstance(req, SamplingFields) and req.wants_usage_in_stream(),
+                isinstance(req, SamplingFields | ForwardedGeneration) and req.wants_usage_in_stream(),
                 on_usage,
             ),
         )
@@ -140,17 +143,15 @@ class GatewayService:
                 if first:
                     self.metrics.ttft.labels(route.name).observe(time.perf_counter() - started)
                     first = False
-                if not buffer and data.endswith(b"\n\n") and USAGE_MARKER not in data:
+                if not buffer and data.endswith(b"\n\n") and USAGE_KEY not in data:
                     yield data  # whole events, none of them usage: as they came
                     continue
                 buffer += data
                 out = []
                 while (end := buffer.find(b"\n\n")) >= 0:
                     event, buffer = buffer[: end + 2], buffer[end + 2 :]
-                    if USAGE_MARKER in event and b'"usage"' in event:
-                        self._count_usage_json(route, event[len(b"data: ") :], on_usage)
-                        if not keep_usage:
-                            continue
+                    if USAGE_KEY in event and self._usage_event(route, event, on_usage) and not keep_usage:
+                        continue
                     out.append(event)
                 if out:
                     yield b"".join(out)
@@ -159,6 +160,21 @@ class GatewayService:
         finally:
             self._observe(route, endpoint, upstream.status, started)
 
+    def _usage_event(self, route: DeploymentRoute, event: bytes, on_usage: Callable[[int, int], None] | None) -> bool:
+        """Whether the event is a stream's usage event (no choices, a usage object); its usage is counted.
+
+        Parsed only when it contains ``"usage"``; spacing is the backend's own (a passthrough backend's
+        bytes reach the gateway as it wrote them)."""
+        data = b"".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            return False
+        if not isinstance(doc, dict) or doc.get("choices") != [] or not isinstance(doc.get("usage"), dict):
+            return False
+        self._count_usage(route, doc["usage"], on_usage)
+        return True
+
     def _count_usage_json(
         self, route: DeploymentRoute, data: bytes, on_usage: Callable[[int, int], None] | None = None
     ) -> None:
@@ -166,7 +182,13 @@ class GatewayService:
             usage = json.loads(data).get("usage") or {}
         except (ValueError, AttributeError):
             return
-        prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+        if isinstance(usage, dict):
+            self._count_usage(route, usage, on_usage)
+
+    def _count_usage(
+        self, route: DeploymentRoute, usage: dict[str, Any], on_usage: Callable[[int, int], None] | None
+    ) -> None:
+        prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
         self.metrics.prompt_tokens.labels(route.name).inc(prompt)
         self.metrics.completion_tokens.labels(route.name).inc(completion)
         if on_usage is not None and usage:
