@@ -76,9 +76,7 @@ def run_hf(model: Any, prompts: list[list[int]], steps: int) -> tuple[float, lis
     with torch.inference_mode():
         for ids in prompts:
             cache = DynamicCache()
-            logits = model(
-                input_ids=torch.tensor([ids], device=dev), cache=cache, use_cache=True, logits_to_keep=1
-            )
+            logits = model(input_ids=torch.tensor([ids], device=dev), cache=cache, use_cache=True, logits_to_keep=1)
             caches.append(cache)
             tokens.append([int(logits.logits[0, -1].argmax())])
         _sync(dev)
