@@ -12,7 +12,7 @@ export PYTHONSAFEPATH := 1
 MODELFLEET_CACHE ?= $(HOME)/.cache/modelfleet
 LATEST_VENV := $(MODELFLEET_CACHE)/venv-latest
 
-.PHONY: help run test test-latest lock vllm-cpu venv venv-test lint typecheck unit integration e2e k8s bench clean crds engine-parsers fuzz soak
+.PHONY: help run test test-latest lock vllm-cpu pkgtree venv venv-test lint typecheck unit integration e2e k8s bench clean crds engine-parsers fuzz soak
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -36,15 +36,20 @@ test-latest: engine-parsers vllm-cpu k8s ## the suite in a venv resolved WITHOUT
 lock: ## refresh uv.lock and locks/*.txt from pyproject.toml and locks/*.in (UPGRADE=1: newest allowed versions)
 	@scripts/lock.sh
 
-lint: venv-test ## ruff
+lint: venv-test pkgtree ## ruff, and the layer contracts of pyproject.toml's [tool.importlinter]
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	PYTHONPATH=build/typecheck .venv/bin/lint-imports
 
-typecheck: venv-test ## mypy --strict over the product code
+typecheck: venv-test pkgtree ## mypy --strict over the product code
+	.venv/bin/mypy -p modelfleet.dataplane -p modelfleet.operator
+
+# the installed package layout (modelfleet.operator, modelfleet.dataplane) as symlinks, for the
+# tools that read source trees rather than the editable install (mypy, import-linter)
+pkgtree:
 	@mkdir -p build/typecheck/modelfleet
 	@ln -sfn ../../../operator build/typecheck/modelfleet/operator
 	@ln -sfn ../../../dataplane build/typecheck/modelfleet/dataplane
-	.venv/bin/mypy -p modelfleet.dataplane -p modelfleet.operator
 
 unit: venv-test engine-parsers ## unit tests only (no sockets, no model)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

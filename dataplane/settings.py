@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from modelfleet.dataplane.sidecar.routing import RoutingPolicyName
+from modelfleet.dataplane.spec import RoutingPolicyName
 
 
 class _Base(BaseSettings):

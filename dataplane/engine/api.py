@@ -28,12 +28,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from modelfleet.dataplane.common.headers import PREFIX_KEY_HEADER
 from modelfleet.dataplane.engine.core import EngineCore
 from modelfleet.dataplane.engine.faults import FaultInjector
 from modelfleet.dataplane.engine.metrics import EngineMetrics, ModelServerCollector
 from modelfleet.dataplane.engine.passthrough import PassthroughService
 from modelfleet.dataplane.engine.pooling import ENDPOINT_MODES, Embedder, PoolingService, require_mode
-from modelfleet.dataplane.engine.prefix_keys import PREFIX_KEY_HEADER, RecentPrefixKeys
+from modelfleet.dataplane.engine.prefix_keys import RecentPrefixKeys
 from modelfleet.dataplane.engine.service import EngineService, served_models
 from modelfleet.dataplane.engine.worker import EngineWorker
 from modelfleet.dataplane.httpserver import SSE_HEADERS, Handler, error_middleware, json_response

@@ -5,7 +5,7 @@ rest wait, taken by priority (the ``x-modelfleet-priority`` header, higher
 first) plus one for every ``AGING_SECONDS`` waited, then by arrival, so a
 steady stream of high-priority work delays low-priority requests but never
 starves them. The runner's own step scheduler applies the same rule, in steps,
-to the sequences it holds (dataplane/engine/scheduler.py). The queue is bounded twice:
+to the sequences it holds (dataplane/batching/scheduler.py). The queue is bounded twice:
 by requests (``maxQueueLen``) and by tokens (``maxQueueTokens``: each waiting
 request counts its prompt plus its max_tokens, what it will cost once
 admitted). Beyond either bound a new request is refused with a retriable 429

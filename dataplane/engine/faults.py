@@ -11,24 +11,9 @@ loaded already.
 
 from __future__ import annotations
 
-import sys
 import threading
 
-from modelfleet.dataplane.runners.base import ContextFaultError
-
 INJECTED_MESSAGE = "CUDA error: an illegal memory access was encountered (injected)"
-
-
-def is_context_fault(exc: BaseException) -> bool:
-    """Whether exc leaves the device context unusable (only a session rebuild helps)."""
-    if isinstance(exc, ContextFaultError):
-        return True
-    torch = sys.modules.get("torch")
-    accelerator_error = getattr(torch, "AcceleratorError", None) if torch is not None else None
-    if isinstance(accelerator_error, type) and isinstance(exc, accelerator_error):
-        return True
-    # torch builds without AcceleratorError raise a plain RuntimeError for the same fault
-    return isinstance(exc, RuntimeError) and str(exc).startswith("CUDA error")
 
 
 class FaultInjector:

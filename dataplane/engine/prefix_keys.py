@@ -22,7 +22,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-PREFIX_KEY_HEADER = "x-modelfleet-prefix-key"
 KEY_HEX_CHARS = 32  # 16-byte digests (sidecar/prefix_table.py)
 MAX_KEYS = 256
 MAX_AGE_S = 120.0

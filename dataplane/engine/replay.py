@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from modelfleet.dataplane.engine.scheduler import SchedRequest, Scheduler, SchedulerConfig
+from modelfleet.dataplane.batching.scheduler import SchedRequest, Scheduler, SchedulerConfig
 
 Count = Annotated[int, Field(strict=True, ge=1)]
 Tick = Annotated[int, Field(strict=True, ge=0)]

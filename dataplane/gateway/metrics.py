@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from modelfleet.dataplane.engine.metrics import LATENCY_BUCKETS
+from modelfleet.dataplane.common.buckets import LATENCY_BUCKETS
 
 
 class GatewayMetrics:

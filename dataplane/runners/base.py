@@ -19,6 +19,7 @@ OpenAI API:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -56,6 +57,7 @@ __all__ = [
     "WeightSource",
     "as_backend",
     "as_token_generator",
+    "is_context_fault",
 ]
 
 # The OpenAI routes an engine serves (a runner's ``capabilities.endpoints`` says which of them it can answer)
@@ -107,6 +109,18 @@ class ContextFaultError(RunnerError):
     def __init__(self, message: str, cause: SessionRebuildCause = SessionRebuildCause.DEVICE_CONTEXT_POISONED) -> None:
         super().__init__(message)
         self.cause = cause
+
+
+def is_context_fault(exc: BaseException) -> bool:
+    """Whether exc leaves the device context unusable (only a session rebuild helps)."""
+    if isinstance(exc, ContextFaultError):
+        return True
+    torch = sys.modules.get("torch")
+    accelerator_error = getattr(torch, "AcceleratorError", None) if torch is not None else None
+    if isinstance(accelerator_error, type) and isinstance(exc, accelerator_error):
+        return True
+    # torch builds without AcceleratorError raise a plain RuntimeError for the same fault
+    return isinstance(exc, RuntimeError) and str(exc).startswith("CUDA error")
 
 
 class UpstreamError(RunnerError):

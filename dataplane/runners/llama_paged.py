@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from modelfleet.dataplane.engine.kv_cache import PagedKVCache
+from modelfleet.dataplane.batching.kv_cache import PagedKVCache
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class PagedLlama:
         """Take blocks for a new sequence's tokens; returns how many leading tokens the prefix cache already holds.
 
         Those need no computing: :meth:`extend` the rest. Raises
-        :class:`~modelfleet.dataplane.engine.kv_cache.OutOfBlocksError` when
+        :class:`~modelfleet.dataplane.batching.kv_cache.OutOfBlocksError` when
         the tokens do not fit (nothing is allocated then).
         """
         if not token_ids:
@@ -278,7 +278,7 @@ class PagedLlama:
     def prefill(self, seq_id: int, token_ids: list[int], *, prefix_cache: bool = False) -> torch.Tensor:
         """Run a new sequence's whole prompt. Returns the last position's logits ``[vocab]``.
 
-        Raises :class:`~modelfleet.dataplane.engine.kv_cache.OutOfBlocksError`
+        Raises :class:`~modelfleet.dataplane.batching.kv_cache.OutOfBlocksError`
         when the prompt does not fit (nothing is allocated then).
         """
         cached = self.begin(seq_id, token_ids, prefix_cache=prefix_cache)
@@ -296,7 +296,7 @@ class PagedLlama:
 
         ``last_tokens[i]`` is the token sequence ``seq_ids[i]`` sampled last;
         it is placed at the sequence's next position. Raises
-        :class:`~modelfleet.dataplane.engine.kv_cache.OutOfBlocksError` before
+        :class:`~modelfleet.dataplane.batching.kv_cache.OutOfBlocksError` before
         any work when the step needs more new blocks than are free.
         """
         if len(seq_ids) != len(last_tokens):

@@ -2,7 +2,7 @@
 
 One worker thread owns the model and runs a step loop. For Llama-architecture
 models (SmolLM2 and most open models) every step is planned by the engine's
-:class:`~modelfleet.dataplane.engine.scheduler.Scheduler`: it admits sequences
+:class:`~modelfleet.dataplane.batching.scheduler.Scheduler`: it admits sequences
 whose KV blocks fit (reserved for prompt + max_tokens), hands out a per-step
 prefill budget (long prompts are prefilled in chunks while others keep
 decoding), and picks the decode batch; :class:`PagedLlama` computes the chunks
@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelfleet.dataplane.engine.faults import is_context_fault
-from modelfleet.dataplane.engine.scheduler import NeverFitsError, SchedRequest, Scheduler, SchedulerConfig
+from modelfleet.dataplane.batching.scheduler import NeverFitsError, SchedRequest, Scheduler, SchedulerConfig
 from modelfleet.dataplane.runners.base import (
     CHAT,
     COMPLETIONS,
@@ -46,6 +45,7 @@ from modelfleet.dataplane.runners.base import (
     TokenChunk,
     TransportKind,
     WeightSource,
+    is_context_fault,
 )
 from modelfleet.dataplane.runners.decoding import IncrementalDetokenizer, StopChecker, sample_next
 from modelfleet.dataplane.runners.llama_paged import PagedLlama

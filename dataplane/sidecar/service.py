@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import aiohttp
 
-from modelfleet.dataplane.engine.prefix_keys import PREFIX_KEY_HEADER
+from modelfleet.dataplane.common.headers import PREFIX_KEY_HEADER
 from modelfleet.dataplane.sidecar.metrics import SidecarMetrics
 from modelfleet.dataplane.sidecar.peers import CheckResult, Peer
 from modelfleet.dataplane.sidecar.request_key import request_info

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from modelfleet.dataplane.engine.kv_cache import OutOfBlocksError
+from modelfleet.dataplane.batching.kv_cache import OutOfBlocksError
 from modelfleet.dataplane.runners.llama_paged import PagedLlama
 from modelfleet.dataplane.runners.weights import resolve_hf_dir
 from modelfleet.dataplane.spec import PackageFileSource, WeightSource

@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator, Sequence
 
 from aiohttp.test_utils import TestClient, TestServer
 
+from modelfleet.dataplane.common.headers import PREFIX_KEY_HEADER
 from modelfleet.dataplane.engine.api import EngineState, build_app
 from modelfleet.dataplane.engine.metrics import EngineMetrics
-from modelfleet.dataplane.engine.prefix_keys import PREFIX_KEY_HEADER, RecentPrefixKeys
+from modelfleet.dataplane.engine.prefix_keys import RecentPrefixKeys
 from modelfleet.dataplane.runners.base import (
     CHAT,
     COMPLETIONS,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modelfleet.dataplane.engine.faults import FaultInjector, is_context_fault
-from modelfleet.dataplane.runners.base import ContextFaultError, RunnerError
+from modelfleet.dataplane.engine.faults import FaultInjector
+from modelfleet.dataplane.runners.base import ContextFaultError, RunnerError, is_context_fault
 
 
 def test_accelerator_error_is_a_context_fault() -> None:

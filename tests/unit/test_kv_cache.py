@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modelfleet.dataplane.engine.kv_cache import OutOfBlocksError, PagedKVCache
+from modelfleet.dataplane.batching.kv_cache import OutOfBlocksError, PagedKVCache
 
 
 def _cache(num_blocks: int = 4, block_size: int = 4) -> PagedKVCache:

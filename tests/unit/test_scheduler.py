@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from modelfleet.dataplane.engine.scheduler import (
+from modelfleet.dataplane.batching.scheduler import (
     NeverFitsError,
     SchedRequest,
     Scheduler,

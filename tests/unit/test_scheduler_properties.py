@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modelfleet.dataplane.engine.scheduler import NeverFitsError, SchedRequest, Scheduler, SchedulerConfig
+from modelfleet.dataplane.batching.scheduler import NeverFitsError, SchedRequest, Scheduler, SchedulerConfig
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from modelfleet.dataplane.engine.prefix_keys import PREFIX_KEY_HEADER, RecentPrefixKeys
+from modelfleet.dataplane.common.headers import PREFIX_KEY_HEADER
+from modelfleet.dataplane.engine.prefix_keys import RecentPrefixKeys
 from modelfleet.dataplane.sidecar.api import build_app
 from modelfleet.dataplane.sidecar.metrics import SidecarMetrics
 from modelfleet.dataplane.sidecar.request_key import prompt_prefix
