@@ -56,7 +56,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from e2e.cluster import ControlPlane, ControlPlaneError, MissingBinariesError, _set_pdeathsig
+from e2e.cluster import (
+    SERVICE_CLUSTER_IP_RANGE,
+    ControlPlane,
+    ControlPlaneError,
+    MissingBinariesError,
+    _set_pdeathsig,
+)
 
 __all__ = [
     "NODE_APISERVER_ARGS",
@@ -500,6 +506,10 @@ class RealNode:
         _run("ip", "-n", ns, "link", "set", "eth0", "up")
         # replies to pods come back through the node; no default route anywhere in the netns
         _run("ip", "route", "add", str(self.pod_cidr), "via", self.node_ip, "dev", self.host_veth)
+        # a client ON the node (not in a pod) needs a route to ClusterIPs before kube-proxy's OUTPUT
+        # DNAT applies; one the DNAT misses ends at the host, which does not forward (ip_forward=0
+        # checked below) -- so still nothing leaves the machine
+        _run("ip", "-n", ns, "route", "add", SERVICE_CLUSTER_IP_RANGE, "dev", "eth0")
         for key, value in (("net.ipv4.ip_forward", "1"), ("net.bridge.bridge-nf-call-iptables", "1")):
             _run("ip", "netns", "exec", ns, "sysctl", "-qw", f"{key}={value}", check=key == "net.ipv4.ip_forward")
         apiserver_port = int(self.cp.server.rsplit(":", 1)[1])
