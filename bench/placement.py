@@ -47,9 +47,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from modelfleet.dataplane.sizing import MemoryEstimate, estimate_for  # noqa: E402
 from modelfleet.dataplane.spec import InferenceDeploymentSpec  # noqa: E402
 from modelfleet.operator.inventory import GpuNode, gpu_nodes  # noqa: E402
-from modelfleet.operator.model_size import MemoryEstimate, estimate_for  # noqa: E402
 from modelfleet.operator.placement import PlacementFailure, PlacementPlan, place_many, plan_placement  # noqa: E402
 
 # product, per-GPU memory label (MiB), GPUs per node, share of the cluster

@@ -1,7 +1,7 @@
 """GPU-aware placement: pure functions from a spec, GPU nodes and a memory estimate to a plan.
 
 No I/O and no Kubernetes client: ``inventory.gpu_nodes`` turns Node and Pod
-objects into ``GpuNode`` facts, ``model_size.estimate_for`` gives the memory
+objects into ``GpuNode`` facts, ``dataplane.sizing.estimate_for`` gives the memory
 one replica needs, and this module decides.
 
 The algorithm, for one deployment:
@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from modelfleet.dataplane.sizing import GIB, MemoryEstimate, SizeUnknown
 from modelfleet.dataplane.spec import (
     GpuVendor,
     InferenceDeploymentSpec,
@@ -77,7 +78,6 @@ from modelfleet.dataplane.spec import (
     Toleration,
 )
 from modelfleet.operator.inventory import HOSTNAME_LABEL, MEMORY_LABELS, RESOURCE_NAMES, GpuNode, Taint
-from modelfleet.operator.model_size import GIB, MemoryEstimate, SizeUnknown
 
 MIB = 1024**2
 USABLE_FRACTION = 0.9

@@ -1,6 +1,6 @@
 """Placement as the operator runs it: read the inventory, estimate, decide.
 
-The thin I/O edge around the pure modules ``inventory``, ``model_size`` and
+The thin I/O edge around the pure modules ``inventory``, ``dataplane.sizing`` and
 ``placement``: it reads Nodes and Pods, leaves out the deployment's own pods
 (so re-reconciling a placed deployment sees the GPUs it already holds as
 free, and decides the same), and turns a plan into what a pod template needs.
@@ -12,9 +12,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from modelfleet.dataplane.sizing import estimate_for
 from modelfleet.dataplane.spec import InferenceDeploymentSpec, PlacementStatus
 from modelfleet.operator.inventory import gpu_nodes
-from modelfleet.operator.model_size import estimate_for
 from modelfleet.operator.placement import PlacementFailure, plan_placement
 from modelfleet.operator.resources import names
 from modelfleet.operator.resources.children import Owner, PodPlacement

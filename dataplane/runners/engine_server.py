@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 
 import aiohttp
 
+from modelfleet.dataplane.modelfiles import WeightSourceError, source_file_or_dir
 from modelfleet.dataplane.runners.base import (
     CHAT,
     COMPLETIONS,
@@ -60,7 +61,6 @@ from modelfleet.dataplane.runners.base import (
     WeightSource,
 )
 from modelfleet.dataplane.runners.openai_stream import StreamBrokenError, body_chunks
-from modelfleet.dataplane.runners.weights import WeightSourceError, source_file_or_dir
 from modelfleet.dataplane.spec import DType, InferenceDeploymentSpec
 
 log = logging.getLogger(__name__)

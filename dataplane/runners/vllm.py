@@ -51,6 +51,7 @@ import sys
 from pathlib import Path
 from typing import ClassVar
 
+from modelfleet.dataplane.modelfiles import WeightSourceError, cache_root, source_file_or_dir
 from modelfleet.dataplane.runners.base import RunnerError, RuntimeKind
 from modelfleet.dataplane.runners.engine_server import (
     EngineServerRunner,
@@ -59,7 +60,7 @@ from modelfleet.dataplane.runners.engine_server import (
     model_argument,
     tensor_parallel_size,
 )
-from modelfleet.dataplane.runners.weights import WeightSourceError, cache_root, resolve_hf_dir, source_file_or_dir
+from modelfleet.dataplane.runners.weights import resolve_hf_dir
 from modelfleet.dataplane.spec import Device, InferenceDeploymentSpec
 
 NGRAM_MAX, NGRAM_MIN = 3, 1  # the torch runner's prompt-lookup window (runners/ngram.py, propose)
@@ -136,7 +137,7 @@ def cpu_kv_cache_space(spec: InferenceDeploymentSpec) -> int:
     """GiB of KV cache for vLLM on CPU: the spec's, else maxNumSeqs x maxModelLen tokens (placement's formula)."""
     if spec.runtime.cpu_kv_cache_space is not None:
         return spec.runtime.cpu_kv_cache_space
-    from modelfleet.operator.model_size import SizeUnknown, estimate_for
+    from modelfleet.dataplane.sizing import SizeUnknown, estimate_for
 
     est = estimate_for(spec)
     if isinstance(est, SizeUnknown):

