@@ -3,23 +3,30 @@
 One stack for the module (vLLM takes minutes to start here). The official
 openai client talks to the gateway, as a user's application would; the tool
 call and the json_schema answer are also asked of the vLLM child directly (its
-Unix socket), which shows the runner's flags reached the real server. Through
-the gateway those two wait for the passthrough of issue 15 (the gateway and
-engine request models still refuse ``tools`` and ``response_format``): the
-strict xfail tests below turn into failures the day it lands, to be unmarked.
+Unix socket), which shows the runner's flags reached the real server.
+
+The passthrough oracle (docs/openai-api.md): for this OpenAI-compatible
+backend, the JSON answer through ModelFleet equals the answer of the same
+server called directly (temperature 0, a seed), except ``id``, ``created`` and
+``model``; the same holds through a ``remote`` deployment of a second, small
+ModelFleet in front of this one (``rstack``: no model of its own, it starts in
+seconds). Chat with tools and logprobs, text completions with logprobs and n,
+streams assembled, vLLM's own sampling extensions, and the backend's errors.
 See tests/integration/vllm_cpu.py for the environment and the opt-out.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 
-from tests.integration.conftest import Stack
+from tests.integration.conftest import Stack, start_stack, stop_stack
 from tests.integration.vllm_cpu import ROOT, children, direct_client, vllm_stack
 
 MANIFEST = ROOT / "examples" / "smollm2-vllm-cpu.yaml"
@@ -49,9 +56,6 @@ def valid_place(text: str) -> bool:
         and set(value) == {"city", "country"}
         and all(isinstance(v, str) for v in value.values())
     )
-
-
-PASSTHROUGH = "issue 15: the gateway and the engine refuse tools/response_format until the passthrough lands"
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +149,6 @@ def test_a_json_schema_answer_validates(child):
     assert valid_place(reply.choices[0].message.content or ""), reply
 
 
-@pytest.mark.xfail(strict=True, raises=openai.BadRequestError, reason=PASSTHROUGH)
 def test_a_tool_call_through_modelfleet(client):
     reply = client.chat.completions.create(
         model=MODEL,
@@ -158,7 +161,6 @@ def test_a_tool_call_through_modelfleet(client):
     assert reply.choices[0].message.tool_calls
 
 
-@pytest.mark.xfail(strict=True, raises=openai.BadRequestError, reason=PASSTHROUGH)
 def test_a_json_schema_answer_through_modelfleet(client):
     reply = client.chat.completions.create(
         model=MODEL,
@@ -173,3 +175,153 @@ def test_a_json_schema_answer_through_modelfleet(client):
 def test_the_child_listens_on_a_private_unix_socket_only(vstack):
     (_pid, socket_path), *_ = children(vstack)
     assert Path(socket_path).is_socket() and Path(socket_path).parent.stat().st_mode & 0o077 == 0
+
+
+# ---- the passthrough oracle ---------------------------------------------------------------------------------
+REMOTE_MODEL = "remote-smollm2"
+WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+# vLLM's own sampling extensions, unknown to the OpenAI API: they must reach the server
+VLLM_EXTRAS = {"top_k": 1, "repetition_penalty": 1.05, "min_tokens": 4}
+REQUESTS: dict[str, dict[str, Any]] = {
+    "chat-tools-logprobs": {
+        "messages": WEATHER,
+        "tools": [WEATHER_TOOL],
+        "tool_choice": "required",
+        "logprobs": True,
+        "top_logprobs": 3,
+        "max_tokens": 60,
+    },
+    "chat-json-schema": {
+        "messages": [{"role": "user", "content": "Name a city and its country."}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "place", "schema": PLACE, "strict": True}},
+        "extra_body": VLLM_EXTRAS,
+        "max_tokens": 60,
+    },
+    "completion-logprobs-n": {
+        "prompt": "The capital of France is",
+        "logprobs": 2,
+        "n": 2,
+        "temperature": 0.7,  # vLLM refuses n > 1 when greedy; top_k 1 and the seed keep it deterministic
+        "extra_body": VLLM_EXTRAS,
+        "max_tokens": 8,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def rstack(vstack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A second ModelFleet whose one deployment is `remote`, in front of the vLLM stack's gateway (by its alias)."""
+    tmp = tmp_path_factory.mktemp("remote-vllm")
+    manifest = tmp / "remote.yaml"
+    manifest.write_text(
+        f"""
+apiVersion: modelfleet.io/v1alpha1
+kind: InferenceDeployment
+metadata: {{name: remote-vllm}}
+spec:
+  model: {{name: {REMOTE_MODEL}, source: {{runtimeManaged: true}}}}
+  runtime:
+    kind: remote
+    remote: {{baseUrl: "{vstack.base_url}/v1", model: smollm2, firstByteTimeoutSeconds: 300}}
+"""
+    )
+    s = start_stack(manifest, tmp)
+    yield s
+    if s.proc.poll() is None:
+        stop_stack(s)
+
+
+def comparable(answer: Any) -> Any:
+    """The answer without what differs between two calls of the same server: the top-level id, created and
+    model, and every nested id (vLLM draws tool-call ids at random)."""
+
+    def strip(value: Any, top: bool) -> Any:
+        if isinstance(value, dict):
+            drop = {"id", "created", "model"} if top else {"id"}
+            return {k: strip(v, False) for k, v in value.items() if k not in drop}
+        if isinstance(value, list):
+            return [strip(v, False) for v in value]
+        return value
+
+    return strip(answer, True)
+
+
+def ask(client: openai.OpenAI, model: str, name: str) -> dict[str, Any]:
+    """The answer's JSON as the server sent it (the official client's raw response)."""
+    kw = {"model": model, "temperature": 0, "seed": 7, **REQUESTS[name]}
+    api = client.chat.completions if "messages" in kw else client.completions
+    raw = api.with_raw_response.create(**kw)
+    answer: dict[str, Any] = raw.http_response.json()
+    return answer
+
+
+def assembled(client: openai.OpenAI, model: str, name: str) -> dict[str, Any]:
+    """A streamed chat answer put together: text, tool calls, logprobs, finish reason, and whether the client
+    saw a usage event."""
+    kw = {"model": model, "temperature": 0, "seed": 7, "stream": True, **REQUESTS[name]}
+    text, reasons, tokens = [], [], []
+    calls: dict[int, dict[str, str]] = {}
+    usage_events = 0
+    for chunk in client.chat.completions.create(**kw):
+        usage_events += chunk.usage is not None
+        for choice in chunk.choices:
+            text.append(choice.delta.content or "")
+            for call in choice.delta.tool_calls or []:
+                entry = calls.setdefault(call.index, {"name": "", "arguments": ""})
+                if call.function is not None:
+                    entry["name"] += call.function.name or ""
+                    entry["arguments"] += call.function.arguments or ""
+            if choice.logprobs is not None and choice.logprobs.content:
+                tokens += [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in choice.logprobs.content]
+            if choice.finish_reason:
+                reasons.append(choice.finish_reason)
+    return {"text": "".join(text), "calls": calls, "logprobs": tokens, "finish": reasons, "usage": usage_events}
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal, with logprobs equal to 1e-4: the server's own answers to one request differ from call to call in
+    the last digits of a logprob when it samples n=2 (checked on its socket alone), never in a token."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=0, abs_tol=1e-4)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+@pytest.mark.parametrize("name", list(REQUESTS))
+def test_the_answer_through_modelfleet_is_the_servers_own(name, client, child):
+    direct = ask(child, MODEL, name)
+    via = ask(client, MODEL, name)
+    assert same(comparable(via), comparable(direct)), (via, direct)
+    assert via["model"] == MODEL
+    by_alias = ask(client, "smollm2", name)
+    assert same(comparable(by_alias), comparable(direct)), (by_alias, direct)
+    assert by_alias["model"] == "smollm2"  # the name it sent
+
+
+@pytest.mark.parametrize("name", list(REQUESTS))
+def test_the_answer_through_a_remote_deployment_is_the_servers_own(name, rstack, child):
+    direct = ask(child, MODEL, name)
+    via = ask(rstack.client(timeout=300), REMOTE_MODEL, name)
+    assert same(comparable(via), comparable(direct)), (via, direct)
+    assert via["model"] == REMOTE_MODEL
+
+
+def test_a_stream_with_tools_and_logprobs_assembles_to_the_servers_own(client, child, rstack):
+    direct = assembled(child, MODEL, "chat-tools-logprobs")
+    assert direct["calls"] and direct["logprobs"] and direct["usage"] == 0
+    assert assembled(client, MODEL, "chat-tools-logprobs") == direct  # no usage event the client did not ask for
+    assert assembled(rstack.client(timeout=300), REMOTE_MODEL, "chat-tools-logprobs") == direct
+
+
+def test_the_servers_errors_keep_their_status_and_body(client, child, rstack):
+    """A request vLLM refuses (a negative temperature): the same status and OpenAI-shaped body at each door."""
+    bodies = []
+    for c, model in ((child, MODEL), (client, MODEL), (rstack.client(), REMOTE_MODEL)):
+        with pytest.raises(openai.BadRequestError) as err:
+            c.chat.completions.create(model=model, messages=CAPITAL, temperature=-1, max_tokens=4)
+        assert err.value.status_code == 400
+        bodies.append(err.value.response.json())
+    assert bodies[1] == bodies[0] and bodies[2] == bodies[0], bodies
