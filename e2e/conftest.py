@@ -25,8 +25,21 @@ CRD_FILE = ROOT / "crds" / "inferencedeployments.modelfleet.io.yaml"
 def pytest_configure(config: pytest.Config) -> None:
     # registered here until pyproject.toml's marker list carries it (--strict-markers)
     config.addinivalue_line(
-        "markers", "real_node: runs a real kubelet node (root; scripts/node-install.sh); select with -m real_node"
+        "markers",
+        "real_node: runs a real kubelet node (root; scripts/node-install.sh, scripts/images.sh); "
+        "opt-in: -m real_node or MODELFLEET_REAL_NODE=1",
     )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Real-node tests run only when asked for (``-m real_node`` or ``MODELFLEET_REAL_NODE=1``):
+    they need root and two more install scripts, which `make test` does not run yet (issue 18)."""
+    if "real_node" in (config.option.markexpr or "") or os.environ.get("MODELFLEET_REAL_NODE") == "1":
+        return
+    selected = [i for i in items if i.get_closest_marker("real_node") is None]
+    if len(selected) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("real_node") is not None])
+        items[:] = selected
 
 
 @pytest.fixture(scope="session")
