@@ -5,7 +5,7 @@
 #   1. a Python 3.11 base image from Debian bookworm (mmdebstrap), laid out like
 #      python:3.11-slim where the Dockerfiles look (/usr/local/bin/python3.11,
 #      pip), which stands in for the PYTHON_IMAGE build argument;
-#   2. each requested image with buildah (vfs storage, chroot isolation) from
+#   2. each requested image with buildah (overlay storage, chroot isolation) from
 #      the UNCHANGED Dockerfile in docker/, on that base (the build context is
 #      the working tree, as with `docker build .`);
 #   3. an OCI archive per image that `ctr images import` takes.
@@ -17,8 +17,13 @@
 #   ${MODELFLEET_CACHE:-~/.cache/modelfleet}/images/images.txt   (read by e2e/node.py)
 #   ${MODELFLEET_CACHE:-~/.cache/modelfleet}/images/base-packages.txt
 #     (every Debian package of the base, with its version)
-#   ${MODELFLEET_CACHE:-~/.cache/modelfleet}/images/buildah/  (buildah's storage:
-#     its layer cache makes a source-only change rebuild the last steps only)
+#   ${MODELFLEET_CACHE:-~/.cache/modelfleet}/images/buildah/<driver>/  (buildah's
+#     storage: its layer cache makes a source-only change rebuild the last steps only)
+#
+# Env: MODELFLEET_BUILDAH_DRIVER  overlay (default; kernel overlayfs, root) or vfs
+#   (works anywhere, but copies the whole root filesystem at every step: measured
+#   here 339 s cold / 246 s after a source change / 4.2 GB store for the modelfleet
+#   image, against 48 s / 11 s / 0.6 GB with overlay)
 #
 # Needs root and Debian 12 (buildah, mmdebstrap are installed when missing).
 # The machines here reach PyPI through a TLS-inspecting proxy: its CA bundle
@@ -42,9 +47,10 @@ TAG="$(sed -n 's/^version = "\(.*\)"$/\1/p' "$REPO/pyproject.toml" | head -1)"
 
 CACHE="${MODELFLEET_CACHE:-$HOME/.cache/modelfleet}"
 OUT="$CACHE/images"
-STORE="$OUT/buildah"
+DRIVER="${MODELFLEET_BUILDAH_DRIVER:-overlay}"
+STORE="$OUT/buildah/$DRIVER"
 mkdir -p "$OUT" "$STORE"
-B=(buildah --root "$STORE/root" --runroot "$STORE/run" --storage-driver vfs)
+B=(buildah --root "$STORE/root" --runroot "$STORE/run" --storage-driver "$DRIVER")
 
 log() { printf '[images] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
