@@ -64,7 +64,8 @@ class Fleet:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with log.open("wb") as out:
             popen = subprocess.Popen(
-                [sys.executable, "-m", *argv, "--port", str(port)],
+                # a module name runs with -m, a file by its path (neither puts the repo root on sys.path)
+                [sys.executable, *(argv if argv[0].endswith(".py") else ["-m", *argv]), "--port", str(port)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
@@ -76,7 +77,7 @@ class Fleet:
 
     def upstream(self, interval: float = 0.05, model: str = "slow") -> Proc:
         """A fake engine (slow_upstream.py): one chunk every ``interval`` seconds."""
-        argv = ["tests.integration.slow_upstream", "--interval", str(interval), "--model", model]
+        argv = [str(Path(__file__).with_name("slow_upstream.py")), "--interval", str(interval), "--model", model]
         return self.spawn("upstream", argv)
 
     def sidecar(self, peers: list[str], *, shutdown_s: float = 10, policy: str = "LeastOutstanding") -> Proc:
