@@ -1,8 +1,8 @@
 """Judged rollouts in a cluster: the operator's side of a canary or shadow rollout.
 
-When a CR with ``spec.rollout`` changes in what needs new pods (``children.spec_hash``: the
-model, runtime, engine or routing; not ``replicas``, ``rollout`` or a remote runtime's
-endpoint settings), the baseline keeps running at the spec in its ConfigMap and the changed
+When a CR with ``spec.rollout`` changes its version (``spec_version``, dataplane/rollout/version.py: the
+model, runtime, engine, placement, routing or spill-over; not ``replicas``, ``rollout`` or a
+remote runtime's endpoint settings), the baseline keeps running at the spec in its ConfigMap and the changed
 spec runs beside it as the *candidate* (``<name>-candidate`` children). The baseline's
 sidecars read the rollout plan (dataplane/rollout/plan.py) from the ``rollout.json`` key of
 the baseline's ConfigMap, send the candidate its share of traffic, and record what both
@@ -40,6 +40,7 @@ from modelfleet.dataplane.rollout.observations import (
     parse_policy,
 )
 from modelfleet.dataplane.rollout.plan import Action, Progress, RolloutPlan, next_action, plan_for, sides
+from modelfleet.dataplane.rollout.version import spec_version
 from modelfleet.dataplane.spec import (
     InferenceDeploymentSpec,
     RolloutPhase,
@@ -49,7 +50,6 @@ from modelfleet.dataplane.spec import (
 )
 from modelfleet.operator import status as st
 from modelfleet.operator.resources import names
-from modelfleet.operator.resources.children import spec_hash
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def decide(
 
     if baseline is None:  # the first apply: nothing runs yet, so nothing to judge against
         return Outcome(desired, status=state, events=ignored("nothing runs yet"), handled_action=action)
-    d_hash, b_hash = spec_hash(desired), spec_hash(baseline)
+    d_hash, b_hash = spec_version(desired), spec_version(baseline)
     rollout = desired.rollout
 
     if rollout is None or d_hash == b_hash:

@@ -1,9 +1,10 @@
 """Rollouts on one machine: ``modelfleet up`` watches its manifest and runs the rollout a cluster would.
 
-When a deployment whose ``spec.rollout`` is set changes in what needs new
-engines (anything but ``replicas``, ``routing``, ``rollout`` and ``spillover``),
-the launcher starts candidate engines with the new spec beside the running
-ones, and once they are ready writes the rollout plan
+When a deployment whose ``spec.rollout`` is set changes its version
+(dataplane/rollout/version.py, the operator's rule too: anything but
+``replicas``, ``rollout`` and a Remote runtime's ``runtime.remote``), the
+launcher starts candidate engines with the new spec beside the running ones,
+and once they are ready writes the rollout plan
 (dataplane/rollout/plan.py) to the file its sidecars read (``--rollout-file``).
 Every ``analysisIntervalSeconds`` it collects the sidecars' observations
 (``GET /rollout/observations``), runs the release gate and follows
@@ -19,12 +20,15 @@ Every ``analysisIntervalSeconds`` it collects the sidecars' observations
 
 Each judgement's report is written to ``<workdir>/<deployment>.gate-report.json``.
 A deployment without ``spec.rollout`` whose spec changes is reported and left
-as it is: restart ``modelfleet up`` to apply such a change.
+as it is: restart ``modelfleet up`` to apply such a change; so is a change of
+the spill-over tiers' names (their engines start with ``modelfleet up``).
+The candidate's share goes from the baseline's sidecars straight to its
+engines, so a routing or spill-over change is judged on those engines and
+reaches the sidecars when they restart on promote.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import urllib.error
@@ -39,22 +43,10 @@ from modelfleet.dataplane.manifest import ManifestError, load_manifests
 from modelfleet.dataplane.rollout.gate import evaluate
 from modelfleet.dataplane.rollout.observations import Observation, RolloutInputError, parse_policy
 from modelfleet.dataplane.rollout.plan import Action, Progress, next_action, plan_for, sides
-from modelfleet.dataplane.spec import InferenceDeployment, InferenceDeploymentSpec
+from modelfleet.dataplane.rollout.version import spec_version
+from modelfleet.dataplane.spec import InferenceDeployment
 
-IGNORED_FIELDS = ("replicas", "routing", "rollout", "spillover")
 PLAN_REFRESH_S = 1.5  # sidecars read the plan file at most once a second (sidecar/rollout.py), plus a margin
-
-
-def engine_config(spec: InferenceDeploymentSpec) -> dict[str, Any]:
-    """The part of a spec whose change needs new engines."""
-    wire = spec.to_wire()
-    for key in IGNORED_FIELDS:
-        wire.pop(key, None)
-    return wire
-
-
-def spec_hash(spec: InferenceDeploymentSpec) -> str:
-    return hashlib.sha256(json.dumps(engine_config(spec), sort_keys=True).encode()).hexdigest()[:12]
 
 
 class Children(Protocol):
@@ -142,14 +134,17 @@ class LocalRollouts:
             base = self.baseline.get(name)
             if base is None:
                 continue  # a new deployment needs a restart of modelfleet up
-            new_hash = spec_hash(dep.spec)
+            new_hash = spec_version(dep.spec)
             running = self.running.get(name)
-            if running is not None and spec_hash(running.dep.spec) == new_hash:
+            if running is not None and spec_version(running.dep.spec) == new_hash:
                 continue
-            if new_hash == spec_hash(base.spec) or self.rejected.get(name) == new_hash:
+            if new_hash == spec_version(base.spec) or self.rejected.get(name) == new_hash:
                 continue
             if dep.spec.rollout is None:
                 self._say(f"{name}: the spec changed without spec.rollout; restart modelfleet up to apply it")
+                continue
+            if _tier_names(dep) != _tier_names(base):
+                self._say(f"{name}: spec.spillover's tiers changed; restart modelfleet up to start their engines")
                 continue
             if running is not None:
                 self._say(f"{name}: the spec changed again; the running rollout {running.rollout_id} stops")
@@ -161,7 +156,7 @@ class LocalRollouts:
         manifest = self.workdir / f"{name}-candidate-{self._generation}.yaml"
         doc = {"apiVersion": dep.api_version, "kind": dep.kind, "metadata": {"name": name}, "spec": dep.spec.to_wire()}
         manifest.write_text(yaml.safe_dump(doc, sort_keys=True))
-        rollout_id = f"{name}-{spec_hash(dep.spec)}-{self._generation}"
+        rollout_id = f"{name}-{spec_version(dep.spec)}-{self._generation}"
         candidates = self.children.spawn_engines(dep, manifest, f"candidate{self._generation}")
         self.running[name] = Rollout(dep, manifest, candidates, rollout_id, started_at=now, step_started_at=now)
         assert dep.spec.rollout is not None
@@ -201,7 +196,7 @@ class LocalRollouts:
         elif action is Action.PROMOTE:
             self._end(name, rollout, promoted=True)
         elif action is Action.ROLLBACK:
-            self.rejected[name] = spec_hash(rollout.dep.spec)
+            self.rejected[name] = spec_version(rollout.dep.spec)
             self._end(name, rollout, promoted=False)
 
     def _write_plan(self, name: str, rollout: Rollout) -> None:
@@ -210,7 +205,7 @@ class LocalRollouts:
         plan = plan_for(spec, rollout.rollout_id, rollout.step, [c.url for c in rollout.candidates])
         base = self.baseline[name]
         plan = plan.model_copy(
-            update=sides(base.spec, rollout.dep.spec, spec_hash(base.spec), spec_hash(rollout.dep.spec))
+            update=sides(base.spec, rollout.dep.spec, spec_version(base.spec), spec_version(rollout.dep.spec))
         )
         tmp = self.plan_file(name).with_suffix(".tmp")
         tmp.write_text(json.dumps(plan.to_wire()))
@@ -252,6 +247,10 @@ class LocalRollouts:
         else:
             self.children.stop_children(rollout.candidates)
             self._say(f"{name}: rolled back; the baseline keeps serving (report: {self.report_file(name)})")
+
+
+def _tier_names(dep: InferenceDeployment) -> list[str]:
+    return sorted(t.name for t in dep.spec.spillover.tiers) if dep.spec.spillover else []
 
 
 def _get_json(url: str, timeout: float = 5.0) -> dict[str, Any]:

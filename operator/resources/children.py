@@ -7,7 +7,6 @@ objects, so re-applying is a no-op.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from modelfleet.dataplane.rollout.version import spec_version
 from modelfleet.dataplane.spec import KIND, REMOTE_SECRETS_DIR, InferenceDeploymentSpec, RuntimeKind
 from modelfleet.operator.resources import names
 from modelfleet.operator.settings import OperatorSettings
@@ -89,20 +89,6 @@ def config_map(
         "metadata": owner.metadata(names.config_map_name(owner.instance)),
         "data": data,
     }
-
-
-def spec_hash(spec: InferenceDeploymentSpec) -> str:
-    """Changes on every spec change that needs new pods: the pod template's config hash, and what
-    a rollout compares (and names its candidate by). Left out: ``replicas`` (the Deployment scales),
-    ``rollout`` (the sidecars follow the plan file, dataplane/rollout/plan.py) and a remote runtime's
-    ``runtime.remote`` (its engine applies the changed ConfigMap in place, dataplane/engine/config_watch.py,
-    keeping its spend ledger and connections)."""
-    wire = spec.to_wire()
-    wire.pop("replicas", None)
-    wire.pop("rollout", None)
-    if spec.runtime.kind is RuntimeKind.REMOTE:
-        wire.get("runtime", {}).pop("remote", None)
-    return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _secret_volumes(spec: InferenceDeploymentSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -321,7 +307,7 @@ def deployment(
             "template": {
                 "metadata": {
                     "labels": owner.labels(),
-                    "annotations": {"modelfleet.io/config-hash": spec_hash(spec)},
+                    "annotations": {"modelfleet.io/config-hash": spec_version(spec)},
                 },
                 "spec": pod_spec,
             },

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from modelfleet.dataplane.rollout.version import spec_version as spec_hash
 from modelfleet.dataplane.spec import InferenceDeploymentSpec, RolloutPhase, RolloutStatus
 from modelfleet.operator import rollout
 from modelfleet.operator.resources import names
@@ -20,7 +21,6 @@ from modelfleet.operator.resources.children import (
     candidate_children,
     candidate_url,
     plan_children,
-    spec_hash,
 )
 from modelfleet.operator.rollout import ACTION_ANNOTATION, Outcome, decide
 from modelfleet.operator.settings import OperatorSettings
