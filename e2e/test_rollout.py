@@ -181,3 +181,47 @@ def test_canary_holds_without_traffic_then_abort_and_promote_by_hand(k8s, operat
     assert "promoted by hand" in described and "rolled back by hand" in described
     # the operator's own writes are no drift: the one service deleted above is all it ever put back
     assert restored(k8s, namespace, "roll") == [PUT_BACK]
+
+
+def test_a_routing_change_starts_a_rollout_and_a_replicas_change_none(k8s, operator, namespace):
+    """The version rule (dataplane/rollout/version.py) in a cluster, as tests/unit/test_rollout_version.py has it
+    for ``modelfleet up``: replicas scale in place; a routing change is a new version, judged beside the old."""
+    kapply(k8s, namespace, cr("route", SPEC))
+
+    def reconciled(replicas: int) -> dict[str, Any] | None:
+        obj, dep = get(k8s, namespace, "infd", "route"), get(k8s, namespace, "deployment", "route")
+        done = obj.get("status", {}).get("observedGeneration") == obj["metadata"]["generation"]
+        return obj if done and dep is not None and dep["spec"]["replicas"] == replicas else None
+
+    k8s.wait_for("route reconciled", lambda: reconciled(1), 120)
+    baseline_hash = template_hash(k8s, namespace, "route")
+    candidates = ("deployment/route-candidate", "configmap/route-candidate-config", "service/route-candidate")
+
+    # replicas: the Deployment scales, no candidate, the pods keep their version
+    kapply(k8s, namespace, cr("route", {**SPEC, "replicas": 2}))
+    obj = k8s.wait_for("route scaled to 2", lambda: reconciled(2), 60)
+    assert [c for c in candidates if get(k8s, namespace, *c.split("/")) is not None] == []
+    assert template_hash(k8s, namespace, "route") == baseline_hash
+    assert obj["status"].get("rollout") is None
+
+    # routing: a candidate with the new policy beside the baseline, which keeps its own
+    kapply(k8s, namespace, cr("route", {**SPEC, "replicas": 2, "routing": {"policy": "PrefixAffinity"}}))
+    k8s.wait_for(
+        "candidate children", lambda: all(get(k8s, namespace, *c.split("/")) is not None for c in candidates), 60
+    )
+    assert "PrefixAffinity" in get(k8s, namespace, "configmap", "route-candidate-config")["data"]["deployment.yaml"]
+    assert "PrefixAffinity" not in get(k8s, namespace, "configmap", "route-config")["data"]["deployment.yaml"]
+
+    def plan() -> dict[str, Any] | None:
+        data = get(k8s, namespace, "configmap", "route-config")["data"]
+        return json.loads(data["rollout.json"]) if "rollout.json" in data else None
+
+    written = k8s.wait_for("rollout.json in the baseline's ConfigMap", plan, 90)
+    assert written["strategy"] == "Canary" and written["baselineVersion"] == baseline_hash
+    assert written["candidateVersion"] == template_hash(k8s, namespace, "route-candidate") != baseline_hash
+    assert template_hash(k8s, namespace, "route") == baseline_hash
+    k8s.wait_for(
+        "status.rollout Canary",
+        lambda: get(k8s, namespace, "infd", "route")["status"].get("rollout", {}).get("phase") == "Canary",
+        60,
+    )
