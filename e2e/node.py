@@ -102,6 +102,16 @@ def node_users(name: str) -> dict[str, tuple[str, ...]]:
     return {f"system:node:{name}": ("system:nodes",), "system:kube-proxy": ()}
 
 
+def node_control_plane(name: str) -> ControlPlane:
+    """A control plane (API server, controller-manager, scheduler) that a real node ``name`` can join."""
+    return ControlPlane(
+        controller_manager=True,
+        scheduler=True,
+        extra_users=node_users(name),
+        extra_apiserver_args=NODE_APISERVER_ARGS,
+    )
+
+
 def node_cache_dir() -> Path:
     cache = Path(os.environ.get("MODELFLEET_CACHE") or Path.home() / ".cache" / "modelfleet")
     return cache.expanduser() / "node"

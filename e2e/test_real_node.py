@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from e2e.cluster import ControlPlane
-from e2e.node import NODE_APISERVER_ARGS, NODE_TOLERATION, RealNode, cgroup_version, node_users
+from e2e.node import NODE_TOLERATION, RealNode, cgroup_version, node_control_plane
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow, pytest.mark.real_node]
 
@@ -26,12 +26,7 @@ NODE = "mf-node-0"
 @pytest.fixture(scope="module")
 def real_node() -> Iterator[RealNode]:
     t0 = time.monotonic()
-    cp = ControlPlane(
-        controller_manager=True,
-        scheduler=True,
-        extra_users=node_users(NODE),
-        extra_apiserver_args=NODE_APISERVER_ARGS,
-    )
+    cp = node_control_plane(NODE)
     cp.start()
     try:
         node = RealNode(cp, NODE)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from e2e.cluster import ControlPlane
-from e2e.node import NODE_APISERVER_ARGS, NODE_TOLERATION, RealNode, modelfleet_images, node_users
+from e2e.node import NODE_TOLERATION, RealNode, modelfleet_images, node_control_plane
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow, pytest.mark.real_node]
 
@@ -34,12 +34,7 @@ RELEASE = "mf"
 @pytest.fixture(scope="module")
 def chart_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
     image = modelfleet_images()["modelfleet"]  # fails loudly, with the command, when not built
-    cp = ControlPlane(
-        controller_manager=True,
-        scheduler=True,
-        extra_users=node_users(NODE),
-        extra_apiserver_args=NODE_APISERVER_ARGS,
-    )
+    cp = node_control_plane(NODE)
     cp.start()
     try:
         t0 = time.monotonic()
