@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 # ---- errors ---------------------------------------------------------------
 
@@ -186,8 +186,43 @@ class SamplingFields(WireModel):
     stream_options: StreamOptions | None = None
     stop: StopField = None
     seed: Annotated[int | None, Field(ge=-(2**63), lt=2**64)] = None
-    presence_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
-    frequency_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
+    presence_penalty: Annotated[
+        float | None,
+        Field(ge=-2.0, le=2.0, description="Subtracted once from the logit of every token already generated."),
+    ] = None
+    frequency_penalty: Annotated[
+        float | None,
+        Field(ge=-2.0, le=2.0, description="Subtracted from a token's logit once per time it was generated."),
+    ] = None
+    logit_bias: Annotated[
+        dict[str, float] | None,
+        Field(description="Token id (as a string) -> a bias from -100 to 100 added to its logit before sampling."),
+    ] = None
+    top_k: Annotated[
+        int | None,
+        Field(ge=-1, description="vLLM extension: sample among the k most likely tokens; 0 or -1 considers all."),
+    ] = None
+    min_p: Annotated[
+        float | None,
+        Field(
+            ge=0.0,
+            le=1.0,
+            description="vLLM extension: drop tokens less likely than min_p times the most likely token.",
+        ),
+    ] = None
+    repetition_penalty: Annotated[
+        float | None,
+        Field(
+            gt=0.0,
+            allow_inf_nan=False,
+            description="vLLM extension: a token of the prompt or the output has its logit divided by this "
+            "value when positive, multiplied when negative (1: off).",
+        ),
+    ] = None
+    stop_token_ids: Annotated[
+        list[Annotated[int, Field(ge=0)]] | None,
+        Field(description="vLLM extension: token ids that end the completion (their text is not returned)."),
+    ] = None
     user: Annotated[str | None, Field(max_length=256)] = None
     ignore_eos: Annotated[
         bool, Field(description="vLLM-compatible extension: keep generating past end-of-sequence (benchmarks).")
@@ -199,6 +234,25 @@ class SamplingFields(WireModel):
         if isinstance(v, list) and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
         return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {key[:20]!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be from -100 to 100, got {bias} for token {key}")
+        return v
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """(token id, bias) pairs; of keys naming the same id ("7", "07") the last one holds."""
+        return tuple({int(k): float(b) for k, b in (self.logit_bias or {}).items()}.items())
+
+    def token_ids_named(self) -> list[tuple[str, int]]:
+        """The token ids the request names (``logit_bias`` keys, ``stop_token_ids``) with their field."""
+        named = [("logit_bias", t) for t, _ in self.logit_bias_pairs()]
+        return named + [("stop_token_ids", t) for t in self.stop_token_ids or ()]
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -213,11 +267,34 @@ class SamplingFields(WireModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
+MinTokensField = Annotated[
+    int,
+    Field(
+        ge=0,
+        description="vLLM extension: end-of-sequence and stop_token_ids cannot end the completion, and stop "
+        "strings are not looked for, before this many tokens.",
+    ),
+]
+
+
+def _within_limit(min_tokens: int, limit: int | None) -> int:
+    if limit is not None and min_tokens > limit:
+        raise ValueError(f"min_tokens ({min_tokens}) must not exceed the completion limit ({limit})")
+    return min_tokens
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int | None, Field(ge=1)] = None
     max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
+    min_tokens: MinTokensField = 0  # after the limits: its check reads them
     logprobs: Literal[False] | None = None
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_tokens(cls, v: int, info: ValidationInfo) -> int:
+        limit = info.data.get("max_completion_tokens") or info.data.get("max_tokens")
+        return _within_limit(v, limit)
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -228,8 +305,14 @@ class CompletionRequest(SamplingFields):
         str | list[int] | list[str], Field(description="A string, a single-element list of strings, or token ids.")
     ]
     max_tokens: Annotated[int | None, Field(ge=1)] = 16
+    min_tokens: MinTokensField = 0  # after max_tokens: its check reads it
     echo: Literal[False] | None = None
     logprobs: None = None
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_tokens(cls, v: int, info: ValidationInfo) -> int:
+        return _within_limit(v, info.data.get("max_tokens"))
 
     @field_validator("prompt")
     @classmethod

@@ -171,14 +171,39 @@ class EngineService:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+        max_tokens = limit if limit is not None else room
+        if req.min_tokens > max_tokens:  # an explicit limit was checked with the request; this is the context's
+            raise ApiError(
+                400,
+                f"min_tokens ({req.min_tokens}) must not exceed the {max_tokens} tokens the context leaves "
+                f"for the completion.",
+                param="min_tokens",
+                code="invalid_value",
+            )
+        for field, token in req.token_ids_named():
+            if token >= self.codec.vocab_size:
+                raise ApiError(
+                    400,
+                    f"{field} names token id {token}; this model's token ids are 0 to {self.codec.vocab_size - 1}.",
+                    param=field,
+                    code="invalid_value",
+                )
         rid = request_id or uuid.uuid4().hex
         sampling = SamplingParams(
-            max_tokens=limit if limit is not None else room,
+            max_tokens=max_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             seed=req.seed,
             stop=req.stop_list(),
             ignore_eos=req.ignore_eos,
+            top_k=max(req.top_k or 0, 0),  # vLLM's -1 is 0: all tokens
+            min_p=req.min_p or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            logit_bias=req.logit_bias_pairs(),
+            min_tokens=req.min_tokens,
+            stop_token_ids=frozenset(req.stop_token_ids or ()),
         )
         return Prepared(
             kind=kind,

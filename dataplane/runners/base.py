@@ -136,7 +136,17 @@ class UpstreamError(RunnerError):
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """Decoding settings of one sequence. temperature 0 means greedy."""
+    """Decoding settings of one sequence, with vLLM's semantics. temperature 0 means greedy.
+
+    Applied to the logits in vLLM's order: ``min_tokens`` (end-of-sequence and ``stop_token_ids`` cannot
+    be sampled before that many tokens), ``logit_bias`` (token id -> added to its logit), then the
+    penalties: ``repetition_penalty`` over prompt and output tokens (a positive logit divided by it, a
+    negative one multiplied), ``frequency_penalty`` x each token's count in the output and
+    ``presence_penalty`` once per token in the output, both subtracted. Greedy takes the argmax of the
+    result; otherwise temperature, then ``min_p`` (tokens below min_p x the top token's probability are
+    dropped), ``top_k`` (0: all), ``top_p``. A token of ``stop_token_ids`` ends the sequence (its text
+    is not emitted) even with ``ignore_eos``.
+    """
 
     max_tokens: int
     temperature: float = 1.0
@@ -144,10 +154,30 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
+    min_tokens: int = 0
+    stop_token_ids: frozenset[int] = frozenset()
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the logits are changed before the choice (bias, penalties, min_tokens): greedy is then
+        the argmax of the changed logits, not the model's."""
+        return bool(
+            self.logit_bias
+            or self.min_tokens
+            or self.repetition_penalty != 1.0
+            or self.presence_penalty
+            or self.frequency_penalty
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +234,9 @@ class TextCodec(Protocol):
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]: ...
 
     def encode_text(self, text: str) -> list[int]: ...
+
+    @property
+    def vocab_size(self) -> int: ...  # token ids are 0 .. vocab_size - 1 (the model's logits, for a generator)
 
 
 class RunnerFamily(StrEnum):

@@ -105,6 +105,7 @@ class EmbeddingCodec:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         return self.encode_text("\n".join(m.get("content", "") for m in messages))

@@ -47,7 +47,7 @@ from modelfleet.dataplane.runners.base import (
     WeightSource,
     is_context_fault,
 )
-from modelfleet.dataplane.runners.decoding import IncrementalDetokenizer, StopChecker, sample_next
+from modelfleet.dataplane.runners.decoding import IncrementalDetokenizer, LogitsAdjuster, StopChecker, sample_next
 from modelfleet.dataplane.runners.llama_paged import PagedLlama
 from modelfleet.dataplane.runners.ngram import DraftStats, accept_greedy, propose
 from modelfleet.dataplane.runners.weights import resolve_hf_dir
@@ -66,8 +66,10 @@ Sink = Callable[[TokenChunk | BaseException], None]
 class TorchCodec:
     """Chat template and tokenization of a Hugging Face tokenizer."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int | None = None) -> None:
         self.tokenizer = tokenizer
+        # the width of the model's logits (may exceed the tokenizer's own ids); the tokenizer's size without a model
+        self.vocab_size = vocab_size if vocab_size is not None else len(tokenizer)
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         out = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
@@ -85,6 +87,7 @@ class _Sequence:
     detok: IncrementalDetokenizer
     stop: StopChecker
     generator: torch.Generator | None
+    adjust: LogitsAdjuster | None = None  # bias, penalties, min_tokens: only for a sequence that asks for them
     seq_id: int = 0
     cache: Any = None  # per-sequence transformers cache (models without a paged forward)
     context: list[int] = field(default_factory=list)  # tokens to prefill: the prompt (+ tokens before a fault)
@@ -283,7 +286,7 @@ class TorchRunner:
                     dtype,
                 )
         self.model = model
-        self.codec = TorchCodec(tokenizer)
+        self.codec = TorchCodec(tokenizer, int(model.config.vocab_size))
         self._set_progress(f"ready (loaded in {time.monotonic() - started:.1f} s)")
 
     async def rebuild_session(self, cause: SessionRebuildCause) -> None:
@@ -387,14 +390,18 @@ class TorchRunner:
             detok=IncrementalDetokenizer(self.codec.tokenizer),
             stop=StopChecker(req.sampling.stop),
             generator=generator,
+            adjust=LogitsAdjuster.for_sequence(
+                req.sampling, req.prompt_token_ids, self.eos_token_ids, torch.device(self.device)
+            ),
             seq_id=next(self._seq_ids),
             context=[*req.prompt_token_ids, *req.resume_token_ids],
             generated=list(req.resume_token_ids),
         )
-        if self.engine.speculative is not None and req.sampling.greedy:
+        if self.engine.speculative is not None and req.sampling.greedy and seq.adjust is None:
+            # drafts are checked against the model's own argmax: not for logits a sequence changes
             seq.draft = DraftStats(min_acceptance=self.engine.speculative.min_acceptance_rate)
-        for token in req.resume_token_ids:  # replay: the text they give was handed out before the fault
-            seq.stop.feed(seq.detok.push(token))
+        for i, token in enumerate(req.resume_token_ids):  # replay: their text was handed out before the fault
+            seq.stop.feed(seq.detok.push(token), armed=i + 1 > req.sampling.min_tokens)
         return seq
 
     # ---- the worker thread -----------------------------------------------
@@ -516,7 +523,7 @@ class TorchRunner:
             if start + n < len(seq.context):
                 self._offer_blocks(seq)
                 return  # more chunks to come; the logits of a middle position are not needed
-            token = sample_next(logits.float(), seq.request.sampling, seq.generator)
+            token = sample_next(logits.float(), seq.request.sampling, seq.generator, seq.adjust, seq.generated)
         except Exception as exc:
             self._fail(seq, exc)
             return
@@ -539,7 +546,8 @@ class TorchRunner:
             with torch.inference_mode():
                 logits = self.paged.decode([s.seq_id for s in plain], [s.generated[-1] for s in plain])
                 tokens = [
-                    sample_next(logits[i].float(), seq.request.sampling, seq.generator) for i, seq in enumerate(plain)
+                    sample_next(logits[i].float(), seq.request.sampling, seq.generator, seq.adjust, seq.generated)
+                    for i, seq in enumerate(plain)
                 ]
             self.step_stats.forward_pending += time.perf_counter() - began
         except Exception as exc:
@@ -637,7 +645,9 @@ class TorchRunner:
                 else:
                     ids = torch.tensor([[seq.generated[-1]]], dtype=torch.long, device=self.device)
                 out = self.model(input_ids=ids, cache=seq.cache, use_cache=True, logits_to_keep=1)
-                token = sample_next(out.logits[0, -1].float(), seq.request.sampling, seq.generator)
+                token = sample_next(
+                    out.logits[0, -1].float(), seq.request.sampling, seq.generator, seq.adjust, seq.generated
+                )
         except Exception as exc:
             self._fail(seq, exc)
             return
@@ -646,11 +656,13 @@ class TorchRunner:
     def _advance(self, seq: _Sequence, token: int) -> None:
         seq.generated.append(token)
         sampling = seq.request.sampling
-        if token in self.eos_token_ids and not sampling.ignore_eos:
+        # end-of-sequence and stop_token_ids end it (their text is not emitted); min_tokens keeps them from
+        # being sampled before that (LogitsAdjuster), and stop strings are looked for only after it
+        if (token in self.eos_token_ids and not sampling.ignore_eos) or token in sampling.stop_token_ids:
             self._finish(seq, FinishReason.STOP, seq.stop.flush(), token)
             return
         delta = seq.detok.push(token)
-        emit, hit = seq.stop.feed(delta)
+        emit, hit = seq.stop.feed(delta, armed=len(seq.generated) > sampling.min_tokens)
         if hit:
             self._finish(seq, FinishReason.STOP, emit, token)
         elif len(seq.generated) >= sampling.max_tokens:
