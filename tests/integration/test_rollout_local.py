@@ -6,6 +6,8 @@ gate promotes or rolls back on its own.
   the candidate engine then serves, and the old one is gone.
 - A Canary rollout to int8 weights (greedy outputs close to, but not identical with, float32: measured
   5 of these 8 prompts differ on this CPU) rolls back: the candidate stops and the baseline keeps serving.
+- A routing change is a new version (dataplane/rollout/version.py), as in a cluster (e2e/test_rollout.py):
+  it starts a judged rollout, which promotes (same engines, same outputs).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ QUESTIONS = [
 ]
 
 
-def manifest(max_queue_len: int, quantization: str, rollout: str) -> str:
+def manifest(max_queue_len: int, quantization: str, rollout: str, routing: str = "LeastOutstanding") -> str:
     return f"""
 apiVersion: modelfleet.io/v1alpha1
 kind: InferenceDeployment
@@ -47,6 +49,7 @@ spec:
     dtype: float32
     quantization: {quantization}
   engine: {{maxModelLen: 512, maxNumSeqs: 4, maxQueueLen: {max_queue_len}}}
+  routing: {{policy: {routing}}}
   rollout:
 {rollout}
 """
@@ -130,3 +133,17 @@ def test_canary_rollout_that_changes_outputs_rolls_back(roll: tuple[Stack, Path]
     assert result["decision"] == "rollback"
     assert any("mismatch" in str(r) for r in result["reasons"])  # type: ignore[attr-defined]
     assert ask_all(stack) == reference  # the baseline alone serves again
+
+
+def test_a_routing_change_starts_a_rollout(roll: tuple[Stack, Path]) -> None:
+    stack, path = roll
+    before = ask_all(stack)
+    mark = len(stack.output())
+    # after the tests above the baseline runs manifest(32, "none", SHADOW): only the routing policy changes
+    path.write_text(manifest(32, "none", SHADOW, routing="PrefixAffinity"))
+    started = wait_for(stack, "roll: candidate ready; traffic plan written", mark)
+    assert "roll: spec changed; starting 1 candidate engine(s) for a Shadow rollout" in started
+    assert ask_all(stack) == before
+    out = wait_for(stack, "roll: promoted", mark, timeout=60)
+    assert gate_report(out)["decision"] == "promote"
+    assert ask_all(stack) == before  # the sidecars restarted with the new policy, the candidate engine serves
