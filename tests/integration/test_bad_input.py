@@ -116,6 +116,34 @@ CASES = [
         "context_length_exceeded",
     ),
     ("empty-prompt-list", "/v1/completions", {"model": MODEL, "prompt": []}, 400, "prompt", "invalid_value"),
+    # vLLM's sampling extensions (issue 15): out-of-range values and token ids the model does not have
+    *(
+        (f"{kind}-{name}", path, {"model": MODEL, **base, **extra}, 400, param, "invalid_value")
+        for kind, path, base in (
+            ("chat", "/v1/chat/completions", {"messages": OK_MESSAGES}),
+            ("text", "/v1/completions", {"prompt": "x"}),
+        )
+        for name, extra, param in (
+            ("top-k-minus-5", {"top_k": -5}, "top_k"),
+            ("min-p-over-1", {"min_p": 1.5}, "min_p"),
+            ("repetition-penalty-zero", {"repetition_penalty": 0}, "repetition_penalty"),
+            ("presence-penalty-3", {"presence_penalty": 3}, "presence_penalty"),
+            ("logit-bias-200", {"logit_bias": {"42": 200}}, "logit_bias"),
+            ("logit-bias-not-an-id", {"logit_bias": {"hello": 1}}, "logit_bias"),
+            ("logit-bias-outside-vocab", {"logit_bias": {"49152": 5}}, "logit_bias"),
+            ("min-tokens-over-max-tokens", {"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
+            ("stop-token-ids-negative", {"stop_token_ids": [-1]}, "stop_token_ids[0]"),
+            ("stop-token-ids-outside-vocab", {"stop_token_ids": [10**6]}, "stop_token_ids"),
+        )
+    ),
+    (
+        "min-tokens-over-max-completion-tokens",
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": OK_MESSAGES, "min_tokens": 10, "max_completion_tokens": 5},
+        400,
+        "min_tokens",
+        "invalid_value",
+    ),
 ]
 
 
