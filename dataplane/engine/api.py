@@ -24,6 +24,7 @@ import logging
 from contextlib import aclosing
 from typing import Any, TypeVar, cast
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
@@ -56,6 +57,7 @@ from modelfleet.dataplane.runners.base import (
     COMPLETIONS,
     FaultInjectable,
     ModelRunner,
+    ModelServerMetrics,
     as_backend,
     as_token_generator,
 )
@@ -80,8 +82,9 @@ class EngineState:
         self.metrics = metrics
         self.worker = EngineWorker(runner, metrics)
         self.core = EngineCore(self.worker, spec.engine, metrics)
-        metrics.registry.register(ModelServerCollector(self.core.load, runner.runtime_stats, spec.model.name))
         self.capabilities = runner.capabilities
+        if not self.capabilities.model_server_metrics:  # else the backend's own are re-exported (/metrics)
+            metrics.registry.register(ModelServerCollector(self.core.load, runner.runtime_stats, spec.model.name))
         self.fault_injector = fault_injector
         if fault_injector is not None:
             if not self.capabilities.fault_injection:
@@ -237,7 +240,13 @@ async def load(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    data = generate_latest(request.app[STATE].metrics.registry)
+    state = request.app[STATE]
+    data = generate_latest(state.metrics.registry)
+    if state.capabilities.model_server_metrics:  # the backend's vllm:* families, as it reports them
+        try:
+            data += (await cast(ModelServerMetrics, state.runner).model_server_metrics()).encode()
+        except (aiohttp.ClientError, TimeoutError) as exc:  # loading or restarting: ModelFleet's own still answer
+            log.debug("the backend's metrics are unavailable: %s", exc)
     return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

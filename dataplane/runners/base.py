@@ -39,6 +39,7 @@ __all__ = [
     "FaultInjectable",
     "FinishReason",
     "ModelRunner",
+    "ModelServerMetrics",
     "OpenAIBackend",
     "OpenAICall",
     "RunnerCapabilities",
@@ -255,7 +256,9 @@ class RunnerCapabilities:
     reached the wrong process: 421 Misdirected Request instead of 404 (docs/runners.md).
     ``fault_injection``: it has a ``fault_hook`` the engine's test-only fault injector may set
     (``FaultInjectable``). ``embeds``: a token generator that computes vectors instead of text
-    (``engine.pooling.Embedder``).
+    (``engine.pooling.Embedder``). ``model_server_metrics``: its backend serves the model-server
+    metrics (vLLM's ``vllm:*`` names) itself, which the engine re-exports (``ModelServerMetrics``)
+    instead of computing them from its own queue.
     """
 
     family: RunnerFamily
@@ -263,6 +266,7 @@ class RunnerCapabilities:
     one_model_per_process: bool = False
     fault_injection: bool = False
     embeds: bool = False
+    model_server_metrics: bool = False
 
     @property
     def passthrough(self) -> bool:
@@ -350,6 +354,14 @@ class ModelRunner(Protocol):
     def runtime_stats(self) -> dict[str, float]: ...
 
     async def close(self) -> None: ...
+
+
+class ModelServerMetrics(Protocol):
+    """A backend that serves the model-server metrics itself (``capabilities.model_server_metrics``)."""
+
+    async def model_server_metrics(self) -> str:
+        """Its Prometheus text, only the model-server families (``vllm:*``)."""
+        ...
 
 
 class TokenGenerator(ModelRunner, Protocol):

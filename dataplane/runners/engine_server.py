@@ -148,6 +148,7 @@ class EngineServerRunner:
     program: ClassVar[str]  # the engine's command-line program
     extra: ClassVar[str]  # the pip extra that installs it
     supports_uds: ClassVar[bool]  # the server can listen on a Unix socket
+    metrics_prefix: ClassVar[str] = "vllm:"  # the model-server metric families its /metrics carries
     gil_pinned = False  # the engine computes in its own processes
     # the child is the OpenAI server: the engine relays the client's request and its answer (docs/openai-api.md);
     # it serves one model, so a request for another one is 421 (docs/runners.md)
@@ -272,6 +273,21 @@ class EngineServerRunner:
                 text = text.split("] ", 1)[1]
             return text[:100]
         return "loading"
+
+    async def model_server_metrics(self) -> str:
+        """The child's own /metrics, only the families named with ``metrics_prefix`` (vLLM: ``vllm:``)."""
+        if self._session is None:
+            return ""
+        async with self._session.get(f"{self.base_url()}/metrics", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+            if resp.status != 200:
+                return ""
+            text = await resp.text()
+        keep = []
+        for line in text.splitlines():
+            name = line.split(" ", 3)[2] if line.startswith("# ") and line.count(" ") >= 2 else line
+            if name.startswith(self.metrics_prefix):
+                keep.append(line)
+        return "\n".join(keep) + "\n" if keep else ""
 
     def where(self) -> str:
         return f"unix:{self._endpoint}" if isinstance(self._endpoint, str) else f"{LOOPBACK}:{self._endpoint}"

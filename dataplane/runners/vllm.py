@@ -48,6 +48,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -169,6 +170,8 @@ class VllmRunner(EngineServerRunner):
     program: ClassVar[str] = "vllm"
     extra: ClassVar[str] = "vllm"
     supports_uds: ClassVar[bool] = True
+    # vLLM serves the model-server metrics (vllm:num_requests_waiting, vllm:kv_cache_usage_perc, ...) itself
+    capabilities = replace(EngineServerRunner.capabilities, model_server_metrics=True)
 
     command = staticmethod(command)
 

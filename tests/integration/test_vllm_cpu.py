@@ -315,3 +315,23 @@ def test_the_servers_errors_keep_their_status_and_body(client, child, rstack):
         assert err.value.status_code == 400
         bodies.append(err.value.response.json())
     assert bodies[1] == bodies[0] and bodies[2] == bodies[0], bodies
+
+
+def test_engine_metrics_carry_vllms_model_server_families(vstack, client):
+    """The engine re-exports vLLM's own model-server metrics (what the Gateway API Inference
+    Extension's endpoint picker scrapes), once each: vLLM's numbers, not ModelFleet's estimate."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.integration.conftest import engine_url, get
+
+    client.chat.completions.create(model=MODEL, messages=CAPITAL, temperature=0, max_tokens=4)
+    status, text = get(engine_url(vstack, "smollm2-vllm") + "/metrics")
+    assert status == 200, text
+    families = [f.name for f in text_string_to_metric_families(text)]
+    assert len(families) == len(set(families)), "a metric family appears twice"
+    for name in ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc"):
+        assert name in families, name
+    info = next(f for f in text_string_to_metric_families(text) if f.name == "vllm:cache_config_info")
+    (sample,) = info.samples
+    assert int(sample.labels["num_gpu_blocks"]) > 0 and int(sample.labels["block_size"]) > 0
+    assert "modelfleet_engine_requests_total" in text  # ModelFleet's own metrics are still there
