@@ -15,8 +15,10 @@ from typing import Any
 import yaml
 
 from modelfleet.dataplane.rollout.version import spec_version
+from modelfleet.dataplane.sizing import MemoryEstimate, SizeUnknown
 from modelfleet.dataplane.spec import KIND, REMOTE_SECRETS_DIR, InferenceDeploymentSpec, RuntimeKind
 from modelfleet.operator.resources import names
+from modelfleet.operator.resources.sizing import engine_resources
 from modelfleet.operator.settings import OperatorSettings
 
 
@@ -161,15 +163,16 @@ def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
 
 
 def deployment(
-    owner: Owner, spec: InferenceDeploymentSpec, settings: OperatorSettings, placement: PodPlacement
+    owner: Owner,
+    spec: InferenceDeploymentSpec,
+    settings: OperatorSettings,
+    placement: PodPlacement,
+    estimate: MemoryEstimate | SizeUnknown | None = None,
 ) -> dict[str, Any]:
     name = owner.instance
     gpu = placement.gpus_per_replica
     secret_volumes, secret_mounts = _secret_volumes(spec)
-    engine_resources: dict[str, Any] = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "8Gi"}}
-    if gpu and placement.gpu_resource:
-        engine_resources["requests"][placement.gpu_resource] = str(gpu)
-        engine_resources["limits"][placement.gpu_resource] = str(gpu)
+    resources = engine_resources(spec, gpu, placement.gpu_resource, estimate)
     engine = {
         "name": "engine",
         "image": engine_image(spec, settings, placement),
@@ -192,7 +195,7 @@ def deployment(
             {"name": "HOME", "value": "/tmp"},
             _shutdown_env(),
         ],
-        "resources": engine_resources,
+        "resources": resources,
         # the engine answers /healthz at once and /readyz once weights are loaded
         "startupProbe": _probe("/healthz", "engine", 5, 120),
         "readinessProbe": _probe("/readyz", "engine", 5, 3),
