@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from modelfleet.dataplane.common.buckets import INTER_TOKEN_BUCKETS, LATENCY_BUCKETS
+from modelfleet.dataplane.runners.base import ModelRunner
 
 
 class EngineMetrics:
@@ -148,12 +149,10 @@ class RuntimeStatsCollector(Collector):
             yield family
 
 
-def watch_runner(metrics: EngineMetrics, runner: object, *, tier: str = "local") -> None:
-    """Export the runner's runtime_stats() when it has them, labelled with the tier the engine serves
-    (``local``, or a spill-over tier's name), so spend adds up per tier."""
-    source = getattr(runner, "runtime_stats", None)
-    if callable(source):
-        metrics.registry.register(RuntimeStatsCollector(source, {"tier": tier}))
+def watch_runner(metrics: EngineMetrics, runner: ModelRunner, *, tier: str = "local") -> None:
+    """Export the runner's runtime_stats() (every runner has them), labelled with the tier the engine
+    serves (``local``, or a spill-over tier's name), so spend adds up per tier."""
+    metrics.registry.register(RuntimeStatsCollector(runner.runtime_stats, {"tier": tier}))
 
 
 class ModelServerCollector(Collector):
