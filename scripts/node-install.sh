@@ -57,24 +57,11 @@ GO_MIN="go1.26"          # same toolchain rule as k8s-install.sh (GOTOOLCHAIN=au
 PAUSE_VERSION="3.10-mf1" # tag of the pause image built from scripts/node/pause.c
 IMAGE_REGISTRY="modelfleet.local"   # never resolvable: images are imported, never pulled
 
-CACHE="${MODELFLEET_CACHE:-$HOME/.cache/modelfleet}"
-K8S_ROOT="$CACHE/k8s"
-ROOT="$K8S_ROOT/$K8S_VERSION"
-BIN="$ROOT/bin"
-SRC="$ROOT/src"
+# shellcheck source=scripts/go-env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/go-env.sh"
 NODE="$CACHE/node"
 IMAGES="$NODE/images"
-mkdir -p "$BIN" "$SRC" "$IMAGES"
-
-export GOPATH="$K8S_ROOT/gopath"
-export GOMODCACHE="$GOPATH/pkg/mod"
-export GOCACHE="$K8S_ROOT/gocache"
-export GOFLAGS="-mod=mod -buildvcs=false"
-export CGO_ENABLED=0
-export GOTOOLCHAIN="${MODELFLEET_GOTOOLCHAIN:-auto}"
-
-STAGING_VERSION="v0.${K8S_VERSION#v1.}"
-K8S_MINOR="${K8S_VERSION#v1.}"; K8S_MINOR="${K8S_MINOR%%.*}"
+mkdir -p "$IMAGES"
 
 log() { printf '[node-install] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
